@@ -1,0 +1,34 @@
+"""smoothgrad-audit: SmoothGrad saliency corpora from TFRecord datasets on Apache Beam."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="smoothgrad-audit",
+    version="0.1.0",
+    description="Batch SmoothGrad saliency corpora from TFRecord image datasets, on Apache Beam.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*"]),
+    package_data={"pipelines": ["../configs/*.yaml"]},
+    install_requires=[
+        "apache-beam>=2.77.0,<2.78",
+        "tensorflow>=2.21.0,<2.22",
+        "keras>=3.12,<4",
+        "numpy>=1.26,<3",
+        "pyarrow>=25.0,<26",
+        "protobuf>=6.31,<7",
+        "PyYAML>=6.0,<7",
+        "google-crc32c>=1.5,<2",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pandas>=2.2,<4",
+            "polars>=1.0,<3",
+            "duckdb>=1.1,<3",
+        ],
+        "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
+    },
+    entry_points={"console_scripts": ["smoothgrad-audit=pipelines.smoothgrad_audit:main"]},
+)
