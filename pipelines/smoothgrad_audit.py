@@ -1,0 +1,209 @@
+"""smoothgrad-audit: TFRecord images → per-worker SmoothGrad → Parquet saliency corpus.
+
+Usage::
+
+    smoothgrad-audit --config configs/demo.yaml [--samples 50 ...] [beam options]
+    python -m pipelines.smoothgrad_audit --config configs/local.yaml --runner DataflowRunner ...
+
+The graph reads as a sentence of named steps: ReadRecords → BatchRecords →
+Decode → BatchImages → SmoothGrad → WriteCorpus (Parquet shards, errors,
+and ``_MANIFEST.json`` last). See README.md for every option and the output
+schema.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+from pipelines.config import Config, ConfigError, parse
+from transforms import corpus
+from transforms import schema as corpus_schema
+from transforms.beam_steps import ACCOUNTING, ERRORS, DecodeRecords, ExplainBatches, ExplainSettings, ReadTFRecords
+from transforms.decode import DecodeSettings
+from transforms.models import ModelError, describe, load_model
+from transforms.postprocess import downsample as downsample_map
+from transforms.smoothgrad import SmoothGrad, Target
+
+logger = logging.getLogger(__name__)
+
+# Beam's DirectRunner first tries to download the Prism runner; without a
+# --runner we use the in-process engine that DirectRunner falls back to.
+DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+DECODE_BATCH = 32
+
+
+def _check_inputs(config: Config) -> None:
+    for pattern in config.input:
+        try:
+            matched = FileSystems.match([pattern])[0].metadata_list
+        except Exception as error:  # noqa: BLE001 - bad scheme, no permission...
+            raise ConfigError(f"config key 'input': cannot list {pattern!r} ({error}).") from None
+        if not matched:
+            raise ConfigError(f"config key 'input': pattern {pattern!r} matches no file.")
+
+
+def prepare_run_dir(config: Config) -> str:
+    """Checks ``output`` and returns an empty ``OUTPUT/run_id=<RUN_ID>`` folder.
+
+    A folder with a manifest is a completed run: refused unless ``overwrite``.
+    A folder without one is an interrupted run: cleaned up.
+    """
+    output = config.output.rstrip("/") or "/"
+    if "://" not in output:
+        import os
+
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise ConfigError(f"config key 'output': {output!r} is a file; a folder is needed.")
+    run_dir = FileSystems.join(output, f"run_id={config.run_id}")
+    manifest = FileSystems.join(run_dir, corpus.MANIFEST)
+    if FileSystems.exists(manifest) and not config.overwrite:
+        raise ConfigError(f"config key 'run_id': {run_dir} already holds a completed run; "
+                          "choose another run_id or pass --overwrite.")
+    if FileSystems.exists(run_dir):
+        logger.info("Removing %s (%s).", run_dir,
+                    "overwrite" if FileSystems.exists(manifest) else "an incomplete earlier run")
+        FileSystems.delete([run_dir])
+    FileSystems.mkdirs(run_dir)
+    return run_dir
+
+
+def _image_size(config: Config, input_shape: tuple) -> tuple[int, int]:
+    height, width = input_shape[0], input_shape[1]
+    if config.image_size:
+        wanted = tuple(config.image_size)
+        if height is not None and (height, width) != wanted:
+            raise ConfigError(f"config key 'image_size': the model takes {height}x{width}; got "
+                              f"{wanted[0]}x{wanted[1]}.")
+        return wanted
+    if height is None or width is None:
+        raise ConfigError("config key 'image_size' is required: the model's input size is not fixed "
+                          f"({input_shape}); give H,W.")
+    return height, width
+
+
+def plan(config: Config) -> dict:
+    """Everything checked and derived on the launcher before the pipeline starts."""
+    _check_inputs(config)
+    try:
+        model = load_model(config.model, config.weights, safe_mode=not config.unsafe_model_loading)
+        info = describe(model, config.model, config.weights)
+    except ModelError as error:
+        raise ConfigError(f"config key 'model': {error}") from None
+    height, width = _image_size(config, info.input_shape)
+    channels = info.input_shape[2]
+    if channels is None:
+        raise ConfigError(f"config key 'model': the model's channel count is not fixed ({info.input_shape}).")
+    engine_args = dict(samples=config.samples, noise=config.noise, noise_mode=config.noise_mode,
+                       variant=config.variant, reduce=config.reduce, target=config.target,
+                       batch_size=config.batch_size, chunk=config.chunk, jit=config.jit, seed=config.seed,
+                       logits=config.logits)
+    try:
+        engine = SmoothGrad(model, **engine_args)  # validates the options against this model
+    except ValueError as error:
+        raise ConfigError(f"SmoothGrad options: {error}") from None
+    target = Target.parse(config.target)
+    if target.mode == "class" and not 0 <= target.class_id < info.classes:
+        raise ConfigError(f"config key 'target': the model has {info.classes} classes; got {config.target!r}.")
+    if target.mode == "topk" and target.k > info.classes:
+        raise ConfigError(f"config key 'target': the model has {info.classes} classes; got {config.target!r}.")
+    map_shape = (height, width) + ((channels,) if config.reduce == "none" else ())
+    try:
+        import numpy as np
+
+        map_shape = downsample_map(np.zeros(map_shape, np.float32), config.downsample).shape
+    except ValueError as error:
+        raise ConfigError(f"config key 'downsample': {error}") from None
+    return {"model": model, "info": info, "image_size": (height, width), "channels": channels,
+            "engine_args": engine_args, "engine": engine, "map_shape": tuple(map_shape), "target": target}
+
+
+def build(pipeline: beam.Pipeline, config: Config, planned: dict, run_dir: str, started_at: str):
+    """Adds the named steps of the audit to ``pipeline``; returns the manifest PCollection."""
+    info, target = planned["info"], planned["target"]
+    parameters = dict(planned["engine"].parameters())
+    parameters.pop("jit_used"), parameters.pop("jit_reason")  # decided per worker
+    parameters.update(jit_requested=config.jit, dtype=config.dtype, normalize=config.normalize,
+                      downsample=config.downsample)
+    header = {
+        "run_id": config.run_id, "started_at": started_at, "smoothgrad": parameters,
+        "model": {"source": info.source, "weights": info.weights, "sha256": info.sha256,
+                  "input_shape": list(info.input_shape), "classes": info.classes,
+                  "scores_from": planned["engine"].scores_from},
+        "input": list(config.input),
+        "config": {key: getattr(config, key) for key in Config.keys()},
+    }
+    saliency_schema = corpus_schema.saliency_schema(planned["map_shape"], config.dtype,
+                                                    mask_columns=bool(config.mask_feature),
+                                                    metadata={"run_id": config.run_id, **parameters,
+                                                              "model": header["model"]})
+    decode_settings = DecodeSettings(
+        image_size=planned["image_size"], channels=planned["channels"], image_feature=config.image_feature,
+        label_feature=config.label_feature, id_feature=config.id_feature, raw_feature=config.raw_feature,
+        raw_shape=tuple(config.raw_shape) if config.raw_shape else None, mask_feature=config.mask_feature,
+        resize_method=config.resize_method, preprocess=config.preprocess,
+        max_image_pixels=config.max_image_pixels, require_label=target.mode == "label")
+    explain_settings = ExplainSettings(
+        model=config.model, weights=config.weights, safe_mode=not config.unsafe_model_loading,
+        engine=planned["engine_args"], dtype=config.dtype, normalize=config.normalize,
+        downsample=config.downsample, mask_columns=bool(config.mask_feature),
+        )
+
+    records, read_errors = pipeline | "ReadRecords" >> ReadTFRecords(config.input)
+    decoded = (records
+               | "BatchRecords" >> beam.BatchElements(min_batch_size=1, max_batch_size=DECODE_BATCH)
+               | "Decode" >> beam.ParDo(DecodeRecords(decode_settings)).with_outputs(ERRORS, main="examples"))
+    explained = (decoded.examples
+                 | "BatchImages" >> beam.BatchElements(min_batch_size=config.batch_size,
+                                                       max_batch_size=config.batch_size)
+                 | "SmoothGrad" >> beam.ParDo(ExplainBatches(explain_settings)).with_outputs(
+                     ERRORS, ACCOUNTING, main="rows"))
+    errors = (read_errors, decoded[ERRORS], explained[ERRORS]) | "AllErrors" >> beam.Flatten()
+    return ((records, explained.rows, errors, explained[ACCOUNTING])
+            | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header,
+                                                  target.maps_per_record, config.num_shards))
+
+
+def run(argv=None, save_main_session=True, test_pipeline=None):
+    """Runs one audit; returns the Beam ``PipelineResult``.
+
+    Raises :class:`ConfigError` (one line) for any mistake found before start.
+    """
+    config, beam_args = parse(list(sys.argv[1:] if argv is None else argv))
+    return run_config(config, beam_args, save_main_session=save_main_session, test_pipeline=test_pipeline)
+
+
+def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeline=None):
+    """Runs one audit from a validated :class:`Config` and Beam arguments."""
+    started_at = corpus.now_utc()
+    planned = plan(config)
+    run_dir = prepare_run_dir(config)
+    options = PipelineOptions(list(beam_args))
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    build(pipeline, config, planned, run_dir, started_at)
+    logger.info("Writing the corpus to %s", run_dir)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+def main(argv=None) -> int:
+    """Console entry point: one clear line and exit status 2 for user mistakes."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(argv)
+    except ConfigError as error:
+        print(f"smoothgrad-audit: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

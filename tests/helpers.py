@@ -1,0 +1,62 @@
+"""Small datasets and models made inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+
+def png(pixels: np.ndarray) -> bytes:
+    return tf.io.encode_png(np.asarray(pixels, np.uint8)).numpy()
+
+
+def example(image_bytes: bytes | None = None, label: int | None = None, extra: dict | None = None) -> bytes:
+    """A serialized tf.train.Example with the default feature names."""
+    feature = {}
+    if image_bytes is not None:
+        feature["image/encoded"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes]))
+    if label is not None:
+        feature["image/class/label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
+    feature.update(extra or {})
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def random_images(count: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
+
+
+def write_tfrecords(path: str, serialized: list[bytes]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for data in serialized:
+            writer.write(data)
+    return path
+
+
+def write_image_dataset(folder: str, files: int = 2, per_file: int = 5, size: int = 16, classes: int = 3,
+                        seed: int = 0) -> list[str]:
+    """TFRecord files of random PNG images with labels; returns their paths."""
+    paths, rng = [], np.random.default_rng(seed)
+    for index in range(files):
+        images = random_images(per_file, size, seed + index)
+        records = [example(png(image), int(rng.integers(0, classes))) for image in images]
+        paths.append(write_tfrecords(os.path.join(folder, f"part-{index}.tfrecord"), records))
+    return paths
+
+
+def tiny_cnn(size: int = 16, classes: int = 3, seed: int = 0, softmax: bool = True) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(classes, activation="softmax" if softmax else None, name="predictions")(x)
+    return keras.Model(inputs, outputs)
+
+
+def save_tiny_cnn(folder: str, **kwargs) -> str:
+    path = os.path.join(folder, "tiny.keras")
+    tiny_cnn(**kwargs).save(path)
+    return path

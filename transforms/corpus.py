@@ -1,0 +1,164 @@
+"""Writing the corpus: sharded Parquet, the errors files, and ``_MANIFEST.json`` last (SPEC §5)."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import platform
+import uuid
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.parquetio import WriteToParquetBatched
+
+from transforms import schema as corpus_schema
+
+MANIFEST = "_MANIFEST.json"
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    """Versions of the software that made the corpus."""
+    import apache_beam
+    import keras
+    import numpy
+    import pyarrow
+    import tensorflow
+
+    return {"python": platform.python_version(), "tensorflow": tensorflow.__version__,
+            "keras": keras.__version__, "apache_beam": apache_beam.__version__,
+            "pyarrow": pyarrow.__version__, "numpy": numpy.__version__}
+
+
+def summarise(counts: list, maps_per_record: int) -> dict:
+    """Totals and per-file figures from ``((kind, source_file), count)`` pairs."""
+    per_file = collections.defaultdict(lambda: {"records_read": 0, "records_explained": 0, "rows_written": 0,
+                                                "errors": {stage: 0 for stage in corpus_schema.STAGES}})
+    jit_batches = collections.Counter()
+    for (kind, source), count in counts:
+        if kind.startswith("jit:"):
+            jit_batches[kind[4:]] += count
+            continue
+        entry = per_file[source]
+        if kind.startswith("error:"):
+            entry["errors"][kind[6:]] += count
+            if kind == "error:read":  # the other failed records are counted as "record"
+                entry["records_read"] += count
+        elif kind == "record":
+            entry["records_read"] += count
+        elif kind == "explained":
+            entry["records_explained"] += count
+        elif kind == "rows":
+            entry["rows_written"] += count
+    for entry in per_file.values():
+        entry["errors_total"] = sum(entry["errors"].values())
+        entry["invariant_holds"] = (entry["records_read"] == entry["records_explained"] + entry["errors_total"]
+                                    and entry["rows_written"] == entry["records_explained"] * maps_per_record)
+    totals = {
+        "records_read": sum(entry["records_read"] for entry in per_file.values()),
+        "records_explained": sum(entry["records_explained"] for entry in per_file.values()),
+        "rows_written": sum(entry["rows_written"] for entry in per_file.values()),
+        "errors": {stage: sum(entry["errors"][stage] for entry in per_file.values())
+                   for stage in corpus_schema.STAGES},
+    }
+    totals["errors_total"] = sum(totals["errors"].values())
+    totals["maps_per_record"] = maps_per_record
+    totals["invariant_holds"] = (totals["records_read"] == totals["records_explained"] + totals["errors_total"]
+                                 and totals["rows_written"] == totals["records_explained"] * maps_per_record
+                                 and all(entry["invariant_holds"] for entry in per_file.values()))
+    totals["jit_used"] = sorted(jit_batches)
+    totals["files"] = dict(sorted(per_file.items()))
+    return totals
+
+
+class _WriteManifest(beam.DoFn):
+    def __init__(self, run_dir: str, header: dict, maps_per_record: int):
+        self.run_dir = run_dir
+        self.header = header
+        self.maps_per_record = maps_per_record
+
+    def process(self, _, counts, saliency_files, error_files):
+        manifest = dict(self.header)
+        manifest.update(summarise(counts, self.maps_per_record))
+        manifest["finished_at"] = now_utc()
+        manifest["versions"] = versions()
+        manifest["outputs"] = {"saliency": sorted(FileSystems.split(path)[1] for path in saliency_files),
+                               "errors": sorted(FileSystems.split(path)[1] for path in error_files)}
+        final = FileSystems.join(self.run_dir, MANIFEST)
+        temporary = FileSystems.join(self.run_dir, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
+        with FileSystems.create(temporary) as handle:
+            handle.write(json.dumps(manifest, indent=2, sort_keys=False, default=str).encode("utf-8"))
+        FileSystems.rename([temporary], [final])  # the run is complete only once this exists
+        yield final
+
+
+class WriteCorpus(beam.PTransform):
+    """Writes saliency rows, error rows and, last, the manifest into ``run_dir``.
+
+    Args:
+        run_dir: ``OUTPUT/run_id=<RUN_ID>``, already emptied by the launcher.
+        saliency_schema: the Arrow schema of the saliency rows.
+        header: manifest fields known at launch (run id, parameters, model...).
+        maps_per_record: rows per explained record (K for ``topk:K``, else 1).
+        num_shards: saliency shards (0: runner decides).
+    """
+
+    def __init__(self, run_dir: str, saliency_schema, header: dict, maps_per_record: int, num_shards: int = 0):
+        super().__init__()
+        self.run_dir = run_dir
+        self.saliency_schema = saliency_schema
+        self.header = header
+        self.maps_per_record = maps_per_record
+        self.num_shards = num_shards
+
+    def expand(self, inputs):
+        records, rows, errors, accounting = inputs
+        saliency_schema = self.saliency_schema
+        saliency_files = (
+            rows
+            | "SaliencyTables" >> _Tables(lambda batch: corpus_schema.saliency_table(batch, saliency_schema),
+                                          corpus_schema.rows_per_group(saliency_schema))
+            | "WriteSaliency" >> WriteToParquetBatched(
+                FileSystems.join(self.run_dir, "saliency"), schema=saliency_schema, codec="zstd",
+                file_name_suffix=".parquet", num_shards=self.num_shards))
+        error_files = (
+            errors
+            | "ErrorTables" >> _Tables(corpus_schema.errors_table, 50_000)
+            | "WriteErrors" >> WriteToParquetBatched(
+                FileSystems.join(self.run_dir, "errors"), schema=corpus_schema.ERRORS_SCHEMA, codec="zstd",
+                file_name_suffix=".parquet"))
+        counted = (
+            (records | "CountRecords" >> beam.Map(lambda record: ("record", record.source_file)),
+             errors | "CountErrors" >> beam.Map(lambda row: (f"error:{row['stage']}", row["source_file"])),
+             rows | "CountRows" >> beam.Map(lambda row: ("rows", row["source_file"])),
+             rows | "FirstRows" >> beam.Filter(lambda row: row["_first"])
+                  | "CountExplained" >> beam.Map(lambda row: ("explained", row["source_file"])),
+             accounting)
+            | "AllCounts" >> beam.Flatten()
+            | "Count" >> beam.combiners.Count.PerElement())
+        return (
+            records.pipeline
+            | "ManifestTrigger" >> beam.Create([None])
+            | "WriteManifest" >> beam.ParDo(
+                _WriteManifest(self.run_dir, self.header, self.maps_per_record),
+                counts=beam.pvalue.AsList(counted),
+                saliency_files=beam.pvalue.AsList(saliency_files),
+                error_files=beam.pvalue.AsList(error_files)))
+
+
+class _Tables(beam.PTransform):
+    """Groups rows into Arrow tables of at most ``rows_per_group`` rows (one row group each)."""
+
+    def __init__(self, make_table, rows_per_group):
+        super().__init__()
+        self.make_table = make_table
+        self.rows_per_group = rows_per_group
+
+    def expand(self, rows):
+        return (rows
+                | "GroupRows" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.rows_per_group)
+                | "ToArrow" >> beam.Map(self.make_table))

@@ -1,0 +1,97 @@
+"""Reading TFRecord files record by record, keeping everything before any damage.
+
+Beam's ``ReadFromTFRecord`` fails the whole job on one corrupt record (with a
+hex dump of it). This reader checks the same framing and CRCs but turns damage
+into error entries: a record whose data CRC fails is reported and skipped (its
+length field is intact, so the records after it are still read); damaged
+framing (bad length CRC, truncation) ends the file with one error entry for the
+rest of it. A file with no valid record at all is one whole-file error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+
+import google_crc32c
+
+_HEADER = struct.Struct("<QI")
+_FOOTER = struct.Struct("<I")
+_MASK_DELTA = 0xA282EAD8
+# Largest record accepted: a length field above this is damage, not data.
+MAX_RECORD_BYTES = 1 << 30
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of ``data``."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def encode_record(data: bytes) -> bytes:
+    """One TFRecord frame holding ``data`` (used by tests and the demo)."""
+    header = struct.pack("<Q", len(data))
+    return header + _FOOTER.pack(masked_crc32c(header)) + data + _FOOTER.pack(masked_crc32c(data))
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One record read from a file."""
+
+    source_file: str
+    record_index: int
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadError:
+    """A part of a file that could not be read; ``record_index`` None means the whole file."""
+
+    source_file: str
+    record_index: int | None
+    error: str
+
+
+def read_records(handle, source_file: str):
+    """Yields :class:`Record` and :class:`ReadError` items from an open binary file."""
+    index, offset = 0, 0
+    while True:
+        header = handle.read(_HEADER.size)
+        if not header:
+            if index == 0:
+                yield ReadError(source_file, None, "empty file: 0 bytes, no TFRecord records")
+            return
+        where = f"record {index} at byte {offset}"
+        if len(header) < _HEADER.size:
+            yield _damage(source_file, index, f"file ends inside the header of {where} "
+                                              f"({len(header)} of {_HEADER.size} bytes)")
+            return
+        length, length_crc = _HEADER.unpack(header)
+        if masked_crc32c(header[:8]) != length_crc or length > MAX_RECORD_BYTES:
+            yield _damage(source_file, index, f"length field of {where} fails its CRC check")
+            return
+        data = handle.read(length)
+        footer = handle.read(_FOOTER.size)
+        if len(data) < length or len(footer) < _FOOTER.size:
+            yield _damage(source_file, index, f"file is cut off inside {where} "
+                                              f"(needs {length + 16} bytes, {_HEADER.size + len(data) + len(footer)} left)")
+            return
+        if masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
+            yield ReadError(source_file, index, f"data CRC mismatch in {where} ({length} bytes); record skipped")
+        else:
+            yield Record(source_file, index, data)
+        index += 1
+        offset += _HEADER.size + length + _FOOTER.size
+
+
+def _damage(source_file: str, index: int, message: str) -> ReadError:
+    if index == 0:
+        return ReadError(source_file, None, f"not a readable TFRecord file: {message}")
+    return ReadError(source_file, index, f"{message}; the rest of the file is unreadable")
+
+
+def record_key(source_file: str, record_index: int | None) -> str:
+    """The default key: ``<file name>:<record index>`` (just the file name for whole-file errors)."""
+    name = os.path.basename(source_file.rstrip("/"))
+    return name if record_index is None else f"{name}:{record_index}"
