@@ -146,12 +146,12 @@ def build(pipeline: beam.Pipeline, config: Config, planned: dict, run_dir: str, 
         label_feature=config.label_feature, id_feature=config.id_feature, raw_feature=config.raw_feature,
         raw_shape=tuple(config.raw_shape) if config.raw_shape else None, mask_feature=config.mask_feature,
         resize_method=config.resize_method, preprocess=config.preprocess,
-        max_image_pixels=config.max_image_pixels, require_label=target.mode == "label")
+        max_image_pixels=config.max_image_pixels, require_label=target.mode == "label",
+        num_classes=info.classes)
     explain_settings = ExplainSettings(
         model=config.model, weights=config.weights, safe_mode=not config.unsafe_model_loading,
         engine=planned["engine_args"], dtype=config.dtype, normalize=config.normalize,
-        downsample=config.downsample, mask_columns=bool(config.mask_feature),
-        )
+        downsample=config.downsample, mask_columns=bool(config.mask_feature))
 
     records, read_errors = pipeline | "ReadRecords" >> ReadTFRecords(config.input)
     decoded = (records

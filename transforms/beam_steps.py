@@ -129,7 +129,6 @@ class ExplainSettings:
     normalize: str = "none"
     downsample: int = 1
     mask_columns: bool = False
-    fail_keys: tuple = ()         # test hook: batches holding these keys raise in the engine
 
     def tag(self) -> str:
         text = json.dumps([self.model, self.weights, self.safe_mode, self.engine], sort_keys=True, default=str)
@@ -184,8 +183,6 @@ class ExplainBatches(beam.DoFn):
                     worker.load_reported = True
                     self.model_loads.inc()
                 compiles_before = worker.engine.compile_count
-                if any(example.key in self.settings.fail_keys for example in batch):
-                    raise RuntimeError("injected fault (test hook fail_keys)")
                 targets = None
                 if worker.engine.target.mode == "label":
                     targets = np.array([example.label for example in batch], np.int64)

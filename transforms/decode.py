@@ -40,6 +40,7 @@ class DecodeSettings:
     preprocess: str = "tf"
     max_image_pixels: int = 40_000_000
     require_label: bool = False
+    num_classes: int | None = None  # labels must be below it when they are the target
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ def one_line(error: BaseException | str) -> str:
     """An error as a single short line (TensorFlow's op suffixes and dumps removed)."""
     text = error if isinstance(error, str) else (getattr(error, "message", None) or str(error))
     text = re.sub(r"\s*\[Op:[^\]]*\]", "", text)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
     text = " ".join(text.split())
     return text[:300] + ("..." if len(text) > 300 else "")
 
@@ -110,6 +112,11 @@ def parse_batch(records: list[Record], settings: DecodeSettings) -> list[dict | 
         pass
     out = []
     for data in serialized:
+        try:
+            tf.train.Example.FromString(data)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+            out.append("record is not a serialized tf.train.Example (protobuf parsing failed)")
+            continue
         try:
             out.append(_parse([data], spec)[0])
         except (tf.errors.InvalidArgumentError, ValueError) as error:
@@ -200,8 +207,11 @@ def decode_example(record: Record, features: dict, settings: DecodeSettings) -> 
     label = None
     if settings.label_feature and len(features[settings.label_feature]):
         label = int(_single(features[settings.label_feature], settings.label_feature, "int64 label"))
-    if settings.require_label and label is None:
-        raise DecodeError(f"target 'label' needs feature '{settings.label_feature}', which this record lacks")
+    if settings.require_label:
+        if label is None:
+            raise DecodeError(f"target 'label' needs feature '{settings.label_feature}', which this record lacks")
+        if settings.num_classes is not None and not 0 <= label < settings.num_classes:
+            raise DecodeError(f"label {label} is not a class of the model (0 to {settings.num_classes - 1})")
     height, width = settings.image_size
     if settings.raw_feature:
         values = features[settings.raw_feature]

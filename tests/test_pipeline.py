@@ -1,0 +1,158 @@
+"""The Beam pipeline end to end: TFRecords made here → run([...]) → Parquet read back."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+
+from pipelines import smoothgrad_audit
+from pipelines.config import ConfigError
+from tests import helpers
+from transforms.smoothgrad import SmoothGrad
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    paths = helpers.write_image_dataset(str(folder / "data"), files=2, per_file=5, size=16, classes=3)
+    model_path = helpers.save_tiny_cnn(str(folder), size=16, classes=3)
+    return {"folder": folder, "paths": paths, "pattern": str(folder / "data" / "*.tfrecord"), "model": model_path}
+
+
+def _run(dataset, run_id, *extra):
+    output = str(dataset["folder"] / "out")
+    result = smoothgrad_audit.run(["--input", dataset["pattern"], "--output", output, "--model", dataset["model"],
+                                   "--run_id", run_id, "--samples", "4", "--noise", "0.2", "--batch_size", "4",
+                                   *extra])
+    run_dir = os.path.join(output, f"run_id={run_id}")
+    with open(os.path.join(run_dir, "_MANIFEST.json")) as handle:
+        manifest = json.load(handle)
+    table = pq.read_table(sorted(glob.glob(os.path.join(run_dir, "saliency-*.parquet"))), partitioning=None)
+    return result, manifest, table, run_dir
+
+
+def _metric(result, name):
+    counters = result.metrics().query()["counters"]
+    return sum(item.committed for item in counters if item.key.metric.name == name)
+
+
+def _engine_maps(dataset, keys, **engine_args):
+    """The engine's maps for the given keys, on images decoded here independently."""
+    import keras
+
+    images = {}
+    for path in dataset["paths"]:
+        for index, data in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+            parsed = tf.io.parse_single_example(data, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})
+            pixels = tf.io.decode_png(parsed["image/encoded"], channels=3).numpy().astype(np.float32)
+            images[f"{os.path.basename(path)}:{index}"] = pixels / 127.5 - 1.0
+    model = keras.saving.load_model(dataset["model"])
+    engine = SmoothGrad(model, **engine_args)
+    return engine(np.stack([images[key] for key in keys]), keys)
+
+
+def test_corpus_matches_engine_and_manifest(dataset):
+    result, manifest, table, run_dir = _run(dataset, "basic")
+    assert table.num_rows == 10
+    keys = table.column("key").to_pylist()
+    assert sorted(keys) == sorted(f"part-{f}.tfrecord:{i}" for f in range(2) for i in range(5))
+    maps = table.column("saliency").combine_chunks().to_numpy_ndarray()
+    assert maps.shape == (10, 16, 16)
+    expected = _engine_maps(dataset, keys, samples=4, noise=0.2, batch_size=4)
+    np.testing.assert_allclose(maps, expected.maps, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(table.column("target").to_numpy(), expected.targets)
+    np.testing.assert_allclose(table.column("score").to_numpy(), expected.scores, rtol=1e-5)
+    assert table.column("height").to_pylist() == [16] * 10
+    assert table.schema.field("saliency").type == pa.fixed_shape_tensor(pa.float32(), [16, 16])
+    assert set(table.column("label").to_pylist()) <= {0, 1, 2}
+    # manifest: counts, invariant, provenance
+    assert manifest["records_read"] == 10 and manifest["records_explained"] == 10
+    assert manifest["rows_written"] == 10 and manifest["errors_total"] == 0
+    assert manifest["invariant_holds"] is True
+    assert set(manifest["files"]) == set(dataset["paths"])
+    assert all(entry["records_read"] == 5 for entry in manifest["files"].values())
+    assert manifest["smoothgrad"]["samples"] == 4 and manifest["model"]["classes"] == 3
+    assert len(manifest["model"]["sha256"]) == 64
+    assert manifest["jit_used"] in (["xla"], ["graph"])
+    assert set(manifest["versions"]) >= {"python", "tensorflow", "keras", "apache_beam"}
+    assert manifest["outputs"]["errors"] == ["errors-00000-of-00001.parquet"]
+    assert sorted(os.listdir(run_dir)) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
+                                                  *manifest["outputs"]["errors"]])
+    assert pq.read_table(os.path.join(run_dir, "errors-00000-of-00001.parquet")).num_rows == 0
+    metadata = json.loads(pq.read_schema(glob.glob(os.path.join(run_dir, "saliency-*"))[0])
+                          .metadata[b"smoothgrad_audit"])
+    assert metadata["run_id"] == "basic" and metadata["noise"] == 0.2
+    # the model is loaded and compiled once in this single worker process
+    assert _metric(result, "model_loads") == 1
+    assert _metric(result, "engine_compiles") == 1
+    assert _metric(result, "records_explained") == 10
+
+
+def test_topk_float16_downsample(dataset):
+    _, manifest, table, _ = _run(dataset, "topk", "--target", "topk:2", "--dtype", "float16", "--downsample", "2")
+    assert table.num_rows == 20 and manifest["rows_written"] == 20 and manifest["records_explained"] == 10
+    assert manifest["invariant_holds"] is True
+    assert table.schema.field("saliency").type == pa.fixed_shape_tensor(pa.float16(), [8, 8])
+    ranks = {}
+    for key, rank, score in zip(table.column("key").to_pylist(), table.column("target_rank").to_pylist(),
+                                table.column("score").to_pylist()):
+        ranks.setdefault(key, {})[rank] = score
+    assert all(set(by_rank) == {0, 1} and by_rank[0] >= by_rank[1] for by_rank in ranks.values())
+    keys = table.column("key").to_pylist()
+    maps = table.column("saliency").combine_chunks().to_numpy_ndarray().astype(np.float32)
+    expected = _engine_maps(dataset, sorted(set(keys)), samples=4, noise=0.2, batch_size=4, target="topk:2")
+    position = {key: index for index, key in enumerate(sorted(set(keys)))}
+    for row, (key, rank) in enumerate(zip(keys, table.column("target_rank").to_pylist())):
+        full = expected.maps[position[key], rank]
+        pooled = full.reshape(8, 2, 8, 2).mean(axis=(1, 3))
+        np.testing.assert_allclose(maps[row], pooled, rtol=2e-3, atol=1e-6)  # float16 rounding
+
+
+def test_two_worker_processes_give_the_same_corpus(dataset):
+    _, one_manifest, one, _ = _run(dataset, "one-worker")
+    result, manifest, two, _ = _run(dataset, "two-workers", "--direct_num_workers", "2",
+                                    "--direct_running_mode", "multi_processing")
+    assert manifest["invariant_holds"] and manifest["rows_written"] == one_manifest["rows_written"]
+    one_sorted = one.sort_by("key")
+    two_sorted = two.sort_by("key")
+    assert one_sorted.column("key").to_pylist() == two_sorted.column("key").to_pylist()
+    np.testing.assert_allclose(one_sorted.column("saliency").combine_chunks().to_numpy_ndarray(),
+                               two_sorted.column("saliency").combine_chunks().to_numpy_ndarray(), rtol=1e-6)
+    assert 1 <= _metric(result, "model_loads") <= 2  # at most once per worker process
+
+
+def test_flags_override_config_file(dataset, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"input: {dataset['pattern']}\noutput: {tmp_path / 'out'}\nmodel: {dataset['model']}\n"
+                      "samples: 3\nnoise: 0.5\nrun_id: from-file\n")
+    smoothgrad_audit.run(["--config", str(config), "--noise", "0.25", "--run_id", "from-flag"])
+    manifest = json.loads((tmp_path / "out" / "run_id=from-flag" / "_MANIFEST.json").read_text())
+    assert manifest["smoothgrad"]["samples"] == 3 and manifest["smoothgrad"]["noise"] == 0.25
+    assert not (tmp_path / "out" / "run_id=from-file").exists()
+
+
+def test_help_lists_every_option_with_default(capsys):
+    from pipelines.config import Config
+
+    with pytest.raises(SystemExit) as exit_info:
+        smoothgrad_audit.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for key in Config.keys():
+        assert f"--{key}" in text
+    assert "(default: 20)" in text and "(default: 'mean_abs')" in text
+
+
+def test_completed_run_is_not_overwritten_without_flag(dataset):
+    _run(dataset, "again")
+    with pytest.raises(ConfigError, match="already holds a completed run"):
+        _run(dataset, "again")
+    _, manifest, _, _ = _run(dataset, "again", "--overwrite")
+    assert manifest["invariant_holds"]
