@@ -84,6 +84,8 @@ class Config:
     max_image_pixels: int = _field(40_000_000, "Images with more pixels are sent to errors "
                                                "(decompression-bomb guard).")
     num_shards: int = _field(0, "Saliency Parquet shards (0 = let the runner decide).")
+    sanity_records: int = _field(0, "Records (chosen by key hash) on which to run the sanity checks "
+                                    "(model randomisation, split-half convergence) into the manifest; 0 = off.")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -230,6 +232,8 @@ def validate(raw: dict) -> Config:
         config.downsample = _as_int("downsample", values["downsample"], minimum=1)
     if "max_image_pixels" in values:
         config.max_image_pixels = _as_int("max_image_pixels", values["max_image_pixels"], minimum=1)
+    if "sanity_records" in values:
+        config.sanity_records = _as_int("sanity_records", values["sanity_records"], minimum=0)
     if "num_shards" in values:
         config.num_shards = _as_int("num_shards", values["num_shards"], minimum=0)
     return config

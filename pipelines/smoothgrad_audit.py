@@ -23,11 +23,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from pipelines.config import Config, ConfigError, parse
 from transforms import corpus
 from transforms import schema as corpus_schema
-from transforms.beam_steps import ACCOUNTING, ERRORS, DecodeRecords, ExplainBatches, ExplainSettings, ReadTFRecords
+from transforms.beam_steps import (ACCOUNTING, ERRORS, DecodeRecords, ExplainBatches, ExplainSettings,
+                                   ReadTFRecords, run_sanity_checks)
 from transforms.decode import DecodeSettings
 from transforms.models import ModelError, describe, load_model
 from transforms.postprocess import downsample as downsample_map
-from transforms.smoothgrad import SmoothGrad, Target
+from transforms.smoothgrad import SmoothGrad, Target, key_seed
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +164,16 @@ def build(pipeline: beam.Pipeline, config: Config, planned: dict, run_dir: str, 
                  | "SmoothGrad" >> beam.ParDo(ExplainBatches(explain_settings)).with_outputs(
                      ERRORS, ACCOUNTING, main="rows"))
     errors = (read_errors, decoded[ERRORS], explained[ERRORS]) | "AllErrors" >> beam.Flatten()
-    return ((records, explained.rows, errors, explained[ACCOUNTING])
-            | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header,
-                                                  target.maps_per_record, config.num_shards))
+    if config.sanity_records:
+        sanity = (decoded.examples
+                  | "SanitySample" >> beam.combiners.Top.Of(
+                      config.sanity_records, key=lambda example, seed=config.seed: key_seed(seed, example.key))
+                  | "SanityChecks" >> beam.Map(run_sanity_checks, explain_settings))
+    else:
+        sanity = pipeline | "NoSanityChecks" >> beam.Create([])
+    return ((records, explained.rows, errors, explained[ACCOUNTING], sanity)
+            | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header, target.maps_per_record,
+                                                  config.num_shards, mask_columns=bool(config.mask_feature)))
 
 
 def run(argv=None, save_main_session=True, test_pipeline=None):

@@ -242,3 +242,25 @@ class ExplainBatches(beam.DoFn):
     def _fits_dtype(self, saliency) -> bool:
         return self.settings.dtype != "float16" or self.settings.normalize != "none" or \
             float(np.max(np.abs(saliency))) < np.finfo(np.float16).max
+
+
+def run_sanity_checks(examples, settings: ExplainSettings) -> dict:
+    """Sanity checks (model randomisation, split-half convergence) on a sample of examples."""
+    from transforms import sanity
+    from transforms.models import load_model
+
+    examples = sorted(examples, key=lambda example: example.key)
+    if not examples:
+        return {"records": 0}
+    model = load_model(settings.model, settings.weights, safe_mode=settings.safe_mode)
+    images = np.stack([example.image for example in examples])
+    keys = [example.key for example in examples]
+    engine_args = dict(settings.engine)
+    if engine_args.get("target") == "label":
+        engine_args["target"] = "top1"  # the checks compare maps of one fixed class per image
+    started = time.time()
+    figures = {"records": len(keys), "keys": keys,
+               "convergence": sanity.convergence(model, images, keys, **engine_args),
+               "randomisation": sanity.randomisation(model, images, keys, **engine_args)}
+    figures["seconds"] = round(time.time() - started, 1)
+    return figures

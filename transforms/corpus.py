@@ -81,9 +81,18 @@ class _WriteManifest(beam.DoFn):
         self.header = header
         self.maps_per_record = maps_per_record
 
-    def process(self, _, counts, saliency_files, error_files):
+    def process(self, _, counts, saliency_files, error_files, quality, sanity):
         manifest = dict(self.header)
         manifest.update(summarise(counts, self.maps_per_record))
+        if quality is not None:
+            mass, hits, scored = quality
+            variant = self.header.get("smoothgrad", {}).get("variant", "smoothgrad")
+            manifest["quality"] = {variant: {
+                "maps_with_mask": scored,
+                "mass_in_mask_mean": mass / scored if scored else None,
+                "pointing_rate": hits / scored if scored else None}}
+        if sanity:
+            manifest["sanity"] = sanity
         manifest["finished_at"] = now_utc()
         manifest["versions"] = versions()
         manifest["outputs"] = {"saliency": sorted(FileSystems.split(path)[1] for path in saliency_files),
@@ -96,6 +105,33 @@ class _WriteManifest(beam.DoFn):
         yield final
 
 
+def _add_quality(totals, row):
+    if row.get("mass_in_mask") is None:
+        return totals
+    return totals[0] + row["mass_in_mask"], totals[1] + int(row["pointing_hit"]), totals[2] + 1
+
+
+def _merge_quality(parts):
+    parts = list(parts)
+    return tuple(sum(part[index] for part in parts) for index in range(3))
+
+
+class _QualityTotals(beam.CombineFn):
+    """Sums of mass_in_mask, pointing hits and maps with a mask."""
+
+    def create_accumulator(self):
+        return 0.0, 0, 0
+
+    def add_input(self, totals, row):
+        return _add_quality(totals, row)
+
+    def merge_accumulators(self, accumulators):
+        return _merge_quality(accumulators)
+
+    def extract_output(self, totals):
+        return totals
+
+
 class WriteCorpus(beam.PTransform):
     """Writes saliency rows, error rows and, last, the manifest into ``run_dir``.
 
@@ -105,10 +141,16 @@ class WriteCorpus(beam.PTransform):
         header: manifest fields known at launch (run id, parameters, model...).
         maps_per_record: rows per explained record (K for ``topk:K``, else 1).
         num_shards: saliency shards (0: runner decides).
+        mask_columns: whether rows carry mass_in_mask / pointing_hit (manifest quality means).
+
+    The input is ``(records, rows, errors, accounting, sanity)``; ``sanity`` is a
+    PCollection of at most one dict of sanity-check figures for the manifest.
     """
 
-    def __init__(self, run_dir: str, saliency_schema, header: dict, maps_per_record: int, num_shards: int = 0):
+    def __init__(self, run_dir: str, saliency_schema, header: dict, maps_per_record: int, num_shards: int = 0,
+                 mask_columns: bool = False):
         super().__init__()
+        self.mask_columns = mask_columns
         self.run_dir = run_dir
         self.saliency_schema = saliency_schema
         self.header = header
@@ -116,7 +158,7 @@ class WriteCorpus(beam.PTransform):
         self.num_shards = num_shards
 
     def expand(self, inputs):
-        records, rows, errors, accounting = inputs
+        records, rows, errors, accounting, sanity = inputs
         saliency_schema = self.saliency_schema
         saliency_files = (
             rows
@@ -140,6 +182,8 @@ class WriteCorpus(beam.PTransform):
              accounting)
             | "AllCounts" >> beam.Flatten()
             | "Count" >> beam.combiners.Count.PerElement())
+        quality = (rows | "QualityTotals" >> beam.CombineGlobally(_QualityTotals())) if self.mask_columns \
+            else (records.pipeline | "NoQuality" >> beam.Create([None]))
         return (
             records.pipeline
             | "ManifestTrigger" >> beam.Create([None])
@@ -147,7 +191,9 @@ class WriteCorpus(beam.PTransform):
                 _WriteManifest(self.run_dir, self.header, self.maps_per_record),
                 counts=beam.pvalue.AsList(counted),
                 saliency_files=beam.pvalue.AsList(saliency_files),
-                error_files=beam.pvalue.AsList(error_files)))
+                error_files=beam.pvalue.AsList(error_files),
+                quality=beam.pvalue.AsSingleton(quality),
+                sanity=beam.pvalue.AsSingleton(sanity, default_value=None)))
 
 
 class _Tables(beam.PTransform):

@@ -291,6 +291,9 @@ class SmoothGrad:
         seed: global noise seed.
         logits: explain pre-softmax/sigmoid scores (True) or the outputs as
             they are (False).
+        sample_offset: index of the first noise sample (default 0). Two
+            explainers with ``samples=n`` and offsets 0 and n draw disjoint
+            noise, as the split-half convergence check needs.
 
     Call ``explainer(images, keys, targets=None)`` with float32 ``[B, H, W, C]``
     images already preprocessed and one string key per image; ``targets``
@@ -306,7 +309,7 @@ class SmoothGrad:
     def __init__(self, model, samples: int = 20, noise: float = 0.1, noise_mode: str = "absolute",
                  variant: str = "smoothgrad", reduce: str = "mean_abs", target: str = "top1",
                  batch_size: int = 8, chunk: int | None = None, jit: str = "auto", seed: int = 0,
-                 logits: bool = True):
+                 logits: bool = True, sample_offset: int = 0):
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
             raise _bad_option("samples", "a whole number >= 1", samples)
         if isinstance(noise, bool) or not isinstance(noise, (int, float, np.floating)) \
@@ -335,6 +338,9 @@ class SmoothGrad:
         self.chunk = min(self.samples, int(chunk) if chunk else max(1, 32 // self.batch_size))
         self.seed = int(seed)
         self.logits = bool(logits)
+        if isinstance(sample_offset, bool) or not isinstance(sample_offset, (int, np.integer)) or sample_offset < 0:
+            raise _bad_option("sample_offset", "a whole number >= 0", sample_offset)
+        self.sample_offset = int(sample_offset)
         self.model = model
         self.jit_used, self.jit_reason = choose_jit(model, jit)
         self._score_fn, self.scores_from = score_function(model, logits=self.logits)
@@ -422,10 +428,24 @@ class SmoothGrad:
                              f"got shape {targets.shape} of dtype {targets.dtype}.")
         if self.target.mode in ("top1", "topk"):
             return np.zeros((count, k), np.int32)  # computed in the graph
+        if targets.shape[1] != 1:
+            raise ValueError(f"target='label' takes one class per image: 'targets' of shape [{count}] "
+                             f"or [{count}, 1]; got shape {targets.shape}.")
         return targets.astype(np.int32)
 
     def _build(self, image_shape) -> None:
         height, width, channels = (int(dim) for dim in image_shape)
+        # Validate before keeping the function: otherwise a second call would
+        # skip the check and run with a class out of range (which XLA's gather
+        # clamps silently instead of failing).
+        num_classes = self._probe_classes(height, width, channels)
+        if self.target.mode == "class" and not 0 <= self.target.class_id < num_classes:
+            raise _bad_option("target", f"'class:K' with 0 <= K < {num_classes} (the model's classes)",
+                              str(self.target))
+        if self.target.mode == "topk" and self.target.k > num_classes:
+            raise _bad_option("target", f"'topk:K' with K <= {num_classes} (the model's classes)",
+                              str(self.target))
+        self.num_classes = num_classes
         self._function_shape = (height, width, channels)
         batch, k = self.batch_size, self.target.maps_per_record
         signature = [
@@ -436,14 +456,6 @@ class SmoothGrad:
         ]
         self._function = tf.function(self._step, input_signature=signature,
                                      jit_compile=self.jit_used == "xla", autograph=False)
-        num_classes = self._probe_classes(height, width, channels)
-        if self.target.mode == "class" and not 0 <= self.target.class_id < num_classes:
-            raise _bad_option("target", f"'class:K' with 0 <= K < {num_classes} (the model's classes)",
-                              str(self.target))
-        if self.target.mode == "topk" and self.target.k > num_classes:
-            raise _bad_option("target", f"'topk:K' with K <= {num_classes} (the model's classes)",
-                              str(self.target))
-        self.num_classes = num_classes
 
     def _probe_classes(self, height, width, channels) -> int:
         scores = self._score_fn(tf.zeros([1, height, width, channels], tf.float32))
@@ -506,7 +518,8 @@ class SmoothGrad:
 
         def gradients(first_sample):
             sample_index = first_sample + tf.range(chunk, dtype=tf.int64)
-            noise_seeds = tf.stack([tf.repeat(seeds, chunk), tf.tile(sample_index, [batch])], axis=-1)
+            noise_seeds = tf.stack([tf.repeat(seeds, chunk), tf.tile(sample_index + self.sample_offset, [batch])],
+                                   axis=-1)
             noise = _standard_normal(noise_seeds, (height, width, channels))
             noisy = repeated_images + repeated_sigma * noise
             with tf.GradientTape(persistent=k > 1) as tape:
