@@ -504,8 +504,9 @@ def train_model(data_dir: str, epochs: int = DEFAULT_EPOCHS, seed: int = 0, *, b
     Adam with a cosine learning-rate decay to zero over the run. Saves
     ``model.keras`` and then ``demo_card.json`` into ``data_dir``. Seeds
     Keras (``keras.utils.set_random_seed``) and turns on TensorFlow op
-    determinism (process-wide; it cost no measurable time here), so a re-run
-    on the same machine gives the same weights.
+    determinism while training (it cost no measurable time here; the previous
+    setting is restored afterwards), so a re-run on the same machine gives the
+    same weights.
 
     Args:
         data_dir: a folder holding ``train-*`` and ``test-*`` TFRecords.
@@ -525,7 +526,22 @@ def train_model(data_dir: str, epochs: int = DEFAULT_EPOCHS, seed: int = 0, *, b
     True
     """
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    # Op determinism is process-wide and stops XLA from compiling MaxPool
+    # gradients: switch it on for training only.
+    # TensorFlow has no public switch to turn it off again: use the one behind
+    # tf.config.experimental.enable_op_determinism.
+    from tensorflow.python.framework import config as tf_config
+
+    determinism_was_on = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    try:
+        return _train(data_dir, epochs, seed, batch_size, learning_rate, card_extra)
+    finally:
+        if not determinism_was_on:
+            tf_config.disable_op_determinism()
+
+
+def _train(data_dir, epochs, seed, batch_size, learning_rate, card_extra) -> dict:
     train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
     image_size = int(train["image"].shape[1])
     model = build_model(image_size, classes=len(CLASS_NAMES))

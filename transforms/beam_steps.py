@@ -258,9 +258,17 @@ def run_sanity_checks(examples, settings: ExplainSettings) -> dict:
     engine_args = dict(settings.engine)
     if engine_args.get("target") == "label":
         engine_args["target"] = "top1"  # the checks compare maps of one fixed class per image
+    import tensorflow as tf
+
+    if not tf.config.list_logical_devices("GPU"):
+        engine_args["jit"] = "graph"  # each cascade step is a new model: XLA compiles cost more than they save
     started = time.time()
-    figures = {"records": len(keys), "keys": keys,
-               "convergence": sanity.convergence(model, images, keys, **engine_args),
-               "randomisation": sanity.randomisation(model, images, keys, **engine_args)}
+    figures = {"records": len(keys), "keys": keys}
+    for name, check in (("convergence", sanity.convergence), ("randomisation", sanity.randomisation)):
+        try:
+            figures[name] = check(model, images, keys, **engine_args)
+        except Exception as error:  # noqa: BLE001 - a failed check is reported, never fatal
+            logger.warning("Sanity check %s failed: %s", name, error)
+            figures[name] = {"error": decoding.one_line(f"{type(error).__name__}: {error}")}
     figures["seconds"] = round(time.time() - started, 1)
     return figures

@@ -343,6 +343,8 @@ class SmoothGrad:
         self.sample_offset = int(sample_offset)
         self.model = model
         self.jit_used, self.jit_reason = choose_jit(model, jit)
+        self._jit_requested = jit
+        self._calls_done = 0
         self._score_fn, self.scores_from = score_function(model, logits=self.logits)
         self.input_shape = self._model_input_shape(model)
         self._function = None
@@ -454,8 +456,29 @@ class SmoothGrad:
             tf.TensorSpec([batch, k], tf.int32),
             tf.TensorSpec([batch], tf.float32),
         ]
-        self._function = tf.function(self._step, input_signature=signature,
-                                     jit_compile=self.jit_used == "xla", autograph=False)
+        self._signature = signature
+        self._function = self._compile()
+
+    def _compile(self):
+        return tf.function(self._step, input_signature=self._signature,
+                           jit_compile=self.jit_used == "xla", autograph=False)
+
+    def _call_compiled(self, *tensors):
+        try:
+            outputs = self._function(*tensors)
+        except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError) as error:
+            # ``auto`` must never leave a user without maps: when XLA cannot
+            # compile the model (e.g. MaxPool gradients under op determinism),
+            # the first call falls back to the plain graph.
+            if self._jit_requested != "auto" or self.jit_used != "xla" or self._calls_done:
+                raise
+            reason = " ".join(str(error).split())[:200]
+            logger.warning("XLA could not compile the SmoothGrad step (%s); using the plain graph.", reason)
+            self.jit_used, self.jit_reason = "graph", f"auto: XLA failed to compile ({reason}); plain graph"
+            self._function = self._compile()
+            outputs = self._function(*tensors)
+        self._calls_done += 1
+        return outputs
 
     def _probe_classes(self, height, width, channels) -> int:
         scores = self._score_fn(tf.zeros([1, height, width, channels], tf.float32))
@@ -485,7 +508,7 @@ class SmoothGrad:
             sigma_in = np.concatenate([sigma, np.zeros(pad, np.float32)])
         else:
             sigma_in = sigma
-        maps, targets, ranks, scores, predicted = self._function(
+        maps, targets, ranks, scores, predicted = self._call_compiled(
             tf.constant(images), tf.constant(seeds), tf.constant(given), tf.constant(sigma_in))
         return {
             "maps": maps.numpy()[:count], "targets": targets.numpy()[:count],
