@@ -28,8 +28,13 @@ def _maxpool_model():
     return keras.Model(inputs, outputs)
 
 
-def test_auto_falls_back_to_graph_when_xla_cannot_compile(op_determinism):
+def test_auto_falls_back_to_graph_when_xla_cannot_compile(op_determinism, monkeypatch):
     # Under op determinism XLA has no MaxPool gradient: it refuses to compile.
+    # auto picks XLA only with an accelerator in sight: pretend there is one.
+    real = tf.config.list_logical_devices
+    fake_gpu = tf.config.LogicalDevice(name="/device:GPU:0", device_type="GPU")
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: [fake_gpu] if kind == "GPU" else real(kind))
     model = _maxpool_model()
     images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
     with pytest.raises(tf.errors.UnimplementedError):

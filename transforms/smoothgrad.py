@@ -150,10 +150,12 @@ def has_xla_slow_layers(model) -> bool:
 def choose_jit(model, requested: str = "auto") -> tuple[str, str]:
     """Resolves ``jit`` to ``xla`` or ``graph`` and says why.
 
-    ``auto`` picks ``xla`` when a GPU or TPU is visible to TensorFlow. On a CPU
-    it picks ``graph`` when the model contains depthwise or separable
-    convolutions, whose gradients XLA compiles into code 5-10x slower than the
-    plain graph on CPU (SPEC §4), and ``xla`` otherwise.
+    ``auto`` picks ``xla`` when a GPU or TPU is visible to TensorFlow and the
+    plain graph on a CPU. Measured on this project's 2-core CPU (TF 2.21,
+    benchmarks/RESULTS.md), XLA was slower than the graph for every model tried:
+    about 1.5x for ResNet50 and several times for the demo CNN, and 5-10x for
+    models with depthwise or separable convolutions (Xception, MobileNet),
+    whose gradients XLA compiles into slow code on CPU (SPEC §4).
     """
     if requested not in JIT_MODES:
         raise _bad_option("jit", f"one of {JIT_MODES}", requested)
@@ -163,8 +165,8 @@ def choose_jit(model, requested: str = "auto") -> tuple[str, str]:
     if accelerators:
         return "xla", f"auto: accelerator {accelerators[0].name} visible"
     if has_xla_slow_layers(model):
-        return "graph", "auto: CPU and depthwise/separable convolutions (slow under XLA on CPU)"
-    return "xla", "auto: CPU, no depthwise/separable convolutions"
+        return "graph", "auto: CPU, and depthwise/separable convolutions are 5-10x slower under XLA on CPU"
+    return "graph", "auto: CPU, where XLA measured slower than the plain graph"
 
 
 def _activation_name(layer) -> str | None:
@@ -261,6 +263,17 @@ def _standard_normal(seeds, shape):
     u1 = (tf.cast(tf.bitwise.right_shift(bits[:, 0], 8), tf.float32) + 0.5) * scale
     u2 = tf.cast(tf.bitwise.right_shift(bits[:, 1], 8), tf.float32) * scale
     return tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos((2.0 * math.pi) * u2)
+
+
+def _loop(iterations: int, body, state):
+    """Runs ``body`` ``iterations`` times; a single chunk runs without a loop.
+
+    Measured here on CPU: XLA ran ResNet50's input gradient 3x slower inside a
+    one-iteration ``tf.while_loop`` than outside one.
+    """
+    if iterations == 1:
+        return body(*state)
+    return tf.while_loop(lambda index, *_: index < iterations, body, state)
 
 
 class SmoothGrad:
@@ -571,9 +584,7 @@ class SmoothGrad:
                 return index + 1, total, mean, m2
 
             zeros = tf.zeros([batch, k, height, width, channels])
-            _, count, _, m2 = tf.while_loop(
-                lambda index, *_: index < n_chunks, body,
-                (tf.constant(0), tf.constant(0.0), zeros, zeros))
+            _, count, _, m2 = _loop(n_chunks, body, (tf.constant(0), tf.constant(0.0), zeros, zeros))
             maps = _reduce_magnitude(m2 / count, self.reduce)
         else:
             def per_chunk(grads):
@@ -592,8 +603,7 @@ class SmoothGrad:
                 values = per_chunk(grads)
                 return index + 1, total + tf.reduce_sum(tf.reshape(weights, acc_weight_shape) * values, axis=1)
 
-            _, total = tf.while_loop(lambda index, _: index < n_chunks, body,
-                                     (tf.constant(0), tf.zeros(acc_shape)))
+            _, total = _loop(n_chunks, body, (tf.constant(0), tf.zeros(acc_shape)))
             mean = total / float(samples)
             if self.variant == "signed":
                 maps = _reduce_signed(mean, self.reduce)
