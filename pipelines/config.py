@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import difflib
 import math
 import re
 from typing import Any
@@ -284,16 +285,38 @@ def argument_parser() -> argparse.ArgumentParser:
                 parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
                                     action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
         elif field.name == "input":
-            parser.add_argument("--input", action="append", help=help_text)
+            parser.add_argument("--input", action="extend", nargs="+", help=help_text)
         else:
             parser.add_argument(f"--{field.name}", help=help_text)
     return parser
+
+
+def unknown_beam_arguments(beam_args: list[str]) -> list[str]:
+    """The arguments that no Beam pipeline option (of any runner) accepts."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    captured = []
+    PipelineOptions(beam_args).get_all_options(add_extra_args_fn=captured.append)
+    return captured[0].parse_known_args(beam_args)[1]
+
+
+def _reject_unknown(beam_args: list[str], parser: argparse.ArgumentParser) -> None:
+    unknown = unknown_beam_arguments(beam_args)
+    if not unknown:
+        return
+    first = unknown[0]
+    ours = [option for action in parser._actions for option in action.option_strings]
+    close = difflib.get_close_matches(first.split("=", 1)[0], ours, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    what = f"unknown option {first!r}" if first.startswith("-") else f"unexpected argument {first!r}"
+    raise ConfigError(f"{what}: neither a smoothgrad-audit option (see --help) nor a Beam pipeline option.{hint}")
 
 
 def parse(argv: list[str]) -> tuple[Config, list[str]]:
     """Parses the command line: returns the validated config and Beam's arguments."""
     parser = argument_parser()
     known, beam_args = parser.parse_known_args(argv)
+    _reject_unknown(beam_args, parser)
     raw = load_yaml(known.config) if getattr(known, "config", None) else {}
     flags = {key: value for key, value in vars(known).items() if key != "config"}
     if "input" in flags:

@@ -222,6 +222,22 @@ def test_bad_config_files_and_paths_fail_in_one_line(small, capsys, tmp_path):
     assert "image batch" in line
 
 
+def test_unknown_flags_and_stray_arguments_are_refused(small, capsys):
+    line = _one_line_failure(capsys, _args(small, "--sampels", "3"))
+    assert "unknown option '--sampels'" in line and "--samples" in line
+    line = _one_line_failure(capsys, _args(small, "stray.tfrecord"))
+    assert "unexpected argument 'stray.tfrecord'" in line
+
+
+def test_shell_expanded_input_list_reads_every_file(small, tmp_path):
+    paths = helpers.write_image_dataset(str(tmp_path / "data"), files=3, per_file=2, size=16)
+    argv = ["--input", *paths, "--output", str(tmp_path / "out"), "--model", small["model"], "--samples", "1",
+            "--run_id", "expanded", "--direct_num_workers", "1"]  # a Beam option passes through
+    assert smoothgrad_audit.main(argv) == 0
+    manifest = json.loads((tmp_path / "out" / "run_id=expanded" / "_MANIFEST.json").read_text())
+    assert sorted(manifest["files"]) == sorted(paths) and manifest["records_read"] == 6
+
+
 def test_lambda_model_is_refused_unless_unsafe_loading(small, capsys, tmp_path):
     inputs = keras.Input((16, 16, 3))
     doubled = keras.layers.Lambda(lambda x: x * 2.0)(inputs)
