@@ -1,0 +1,97 @@
+"""The README's demo end to end: the demo job on the project's own data, and the README snippets."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+
+import pytest
+
+from pipelines import demo, smoothgrad_audit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme() -> str:
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _section(text: str, heading: str) -> str:
+    match = re.search(rf"^## {re.escape(heading)}\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"README has no '## {heading}' section"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Runs the Quick start's demo job (configs/demo.yaml) in a fresh folder."""
+    folder = tmp_path_factory.mktemp("readme")
+    card = demo.ensure_demo(str(folder / "demo_data"))
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        status = smoothgrad_audit.main(["--config", os.path.join(REPO, "configs", "demo.yaml")])
+        assert status == 0
+        with open(folder / "demo_output" / "run_id=demo" / "_MANIFEST.json") as handle:
+            manifest = json.load(handle)
+        yield {"folder": folder, "manifest": manifest, "card": card}
+    finally:
+        os.chdir(previous)
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_second():
+    block = re.search(r"```[a-z]*\n(.*?)```", _section(_readme(), "Quick start"), re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    assert "smoothgrad-audit --config configs/demo.yaml" in commands[0]
+    assert "pytest" in commands[1]
+    with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as handle:
+        assert "Quick start" in handle.read()
+
+
+def test_readme_documents_every_option():
+    from pipelines.config import Config
+
+    options = _section(_readme(), "Options")
+    for key in Config.keys():
+        assert f"| `{key}` |" in options, key
+
+
+def test_demo_corpus_manifest_and_quality(demo_run):
+    manifest, card = demo_run["manifest"], demo_run["card"]
+    assert card["test_accuracy"] >= 0.9
+    assert manifest["records_read"] == card["test_count"]
+    assert manifest["invariant_holds"] is True
+    assert manifest["records_explained"] == card["test_count"] and manifest["errors_total"] == 0
+    quality = manifest["quality"]["smoothgrad"]
+    assert quality["maps_with_mask"] == card["test_count"]
+    chance = card["object_area_share"]["mean"]
+    # SmoothGrad's saliency mass concentrates on the object well beyond its area share.
+    assert quality["mass_in_mask_mean"] > 2 * chance, (quality, chance)
+    assert quality["pointing_rate"] > 2 * chance
+    sanity = manifest["sanity"]
+    assert sanity["records"] > 0
+    correlations = [step["rank_correlation"] for step in sanity["randomisation"]["cascade"]]
+    # Adebayo et al.: randomising the model's layers must change the maps.
+    assert correlations[-1] < 0.5 and correlations[-1] < correlations[0] + 0.05
+    assert 0 < sanity["convergence"]["split_half_rank_correlation"] <= 1
+
+
+def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
+    snippets = re.findall(r"```python\n(.*?)```", _section(_readme(), "Reading the corpus"), re.S)
+    assert len(snippets) == 4  # pyarrow, pandas, polars, DuckDB
+    previous = os.getcwd()
+    os.chdir(demo_run["folder"])
+    try:
+        for snippet in snippets:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - our own README
+            assert printed.getvalue().strip(), snippet
+    finally:
+        os.chdir(previous)
+    assert "duckdb" in snippets[3]
