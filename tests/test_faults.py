@@ -275,3 +275,29 @@ def test_interrupted_run_is_cleaned_up(small):
     assert not (run_dir / "saliency-00000-of-00007.parquet").exists()
     assert sorted(os.listdir(run_dir)) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
                                                   *manifest["outputs"]["errors"]])
+
+
+def test_a_retried_bundle_does_not_duplicate_rows(small, monkeypatch, tmp_path):
+    """A bundle that fails after emitting rows is retried by the runner; only one attempt counts."""
+    from transforms.beam_steps import ExplainBatches
+
+    original = ExplainBatches._row
+    failures = []
+
+    def flaky_row(self, example, *args):
+        if example.key.endswith(":2") and not failures:  # first attempt only, after earlier rows went out
+            failures.append(example.key)
+            raise ConnectionError("worker lost its connection (simulated)")
+        return original(self, example, *args)
+
+    monkeypatch.setattr(ExplainBatches, "_row", flaky_row)
+    argv = ["--input", small["pattern"], "--output", str(tmp_path / "out"), "--model", small["model"],
+            "--samples", "1", "--run_id", "retry", "--batch_size", "3",
+            # Beam's bundle-based local runner retries failed bundles, as Dataflow does.
+            "--runner", "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"]
+    assert smoothgrad_audit.main(argv) == 0
+    assert failures == ["part-0.tfrecord:2"]
+    manifest, saliency, errors = _read_run(str(tmp_path / "out" / "run_id=retry"))
+    keys = saliency.column("key").to_pylist()
+    assert sorted(keys) == ["part-0.tfrecord:0", "part-0.tfrecord:1", "part-0.tfrecord:2"]  # once each
+    assert errors.num_rows == 0 and manifest["invariant_holds"] and manifest["rows_written"] == 3
