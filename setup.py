@@ -26,6 +26,7 @@ setup(
             "pandas>=2.2,<4",
             "polars>=1.0,<3",
             "duckdb>=1.1,<3",
+            "pillow>=10,<13",
         ],
         "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
     },
