@@ -82,7 +82,7 @@ def _read_run(run_dir):
 def test_every_data_fault_is_an_error_row_and_counted(faulty, monkeypatch, capsys):
     original = SmoothGrad.__call__
 
-    def failing_call(self, images, keys, targets=None):  # a worker fault on one batch
+    def failing_call(self, images, keys, targets=None):  # a worker fault on any batch holding this record
         if "good.tfrecord:1" in keys:
             raise RuntimeError("injected fault")
         return original(self, images, keys, targets)
@@ -91,7 +91,7 @@ def test_every_data_fault_is_an_error_row_and_counted(faulty, monkeypatch, capsy
     expected = dict(faulty["expected"], **{"good.tfrecord:1": "explain"})
     output = str(faulty["folder"] / "out")
     status = smoothgrad_audit.main(["--input", faulty["pattern"], "--output", output, "--model", faulty["model"],
-                                    "--run_id", "faults", "--samples", "2", "--batch_size", "1"])
+                                    "--run_id", "faults", "--samples", "2", "--batch_size", "4"])
     assert status == 0
     manifest, saliency, errors = _read_run(os.path.join(output, "run_id=faults"))
 

@@ -173,32 +173,46 @@ class ExplainBatches(beam.DoFn):
     def setup(self):
         self._worker = _SHARED.acquire(lambda: _WorkerEngine(self.settings), tag=self.settings.tag())
 
+    def _explain(self, batch):
+        worker = self._worker
+        with worker.lock:
+            if not worker.load_reported:  # metrics set in setup() are not reported
+                worker.load_reported = True
+                self.model_loads.inc()
+            compiles_before = worker.engine.compile_count
+            targets = None
+            if worker.engine.target.mode == "label":
+                targets = np.array([example.label for example in batch], np.int64)
+            try:
+                return worker.engine(np.stack([example.image for example in batch]),
+                                     [example.key for example in batch], targets)
+            finally:
+                self.compiles.inc(worker.engine.compile_count - compiles_before)
+
     def process(self, batch):
         batch = list(batch)
-        worker = self._worker
         started = time.time()
         try:
-            with worker.lock:
-                if not worker.load_reported:  # metrics set in setup() are not reported
-                    worker.load_reported = True
-                    self.model_loads.inc()
-                compiles_before = worker.engine.compile_count
-                targets = None
-                if worker.engine.target.mode == "label":
-                    targets = np.array([example.label for example in batch], np.int64)
-                result = worker.engine(np.stack([example.image for example in batch]),
-                                       [example.key for example in batch], targets)
-                self.compiles.inc(worker.engine.compile_count - compiles_before)
+            parts = [(batch, self._explain(batch))]
         except Exception as error:  # noqa: BLE001 - a failing batch must not kill the run
-            logger.warning("SmoothGrad failed on a batch of %d: %s", len(batch), error)
-            for example in batch:
-                self.failed.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-                    example.key, example.source_file, example.record_index, "explain",
-                    f"SmoothGrad failed on this record's batch: {type(error).__name__}: {error}"))
-            return
+            logger.warning("SmoothGrad failed on a batch of %d (%s); retrying its records one by one.",
+                           len(batch), error)
+            parts = []
+            for example in batch:  # isolate the record(s) at fault; the others are explained
+                try:
+                    parts.append(([example], self._explain([example])))
+                except Exception as single_error:  # noqa: BLE001
+                    self.failed.inc()
+                    yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+                        example.key, example.source_file, example.record_index, "explain",
+                        f"SmoothGrad failed: {type(single_error).__name__}: {single_error}"))
+        for examples, result in parts:
+            yield from self._rows(examples, result)
         self.latency.update(int((time.time() - started) * 1000))
-        yield beam.pvalue.TaggedOutput(ACCOUNTING, (f"jit:{worker.engine.jit_used}", ""))
+        yield beam.pvalue.TaggedOutput(ACCOUNTING, (f"jit:{self._worker.engine.jit_used}", ""))
+
+    def _rows(self, batch, result):
+        worker = self._worker
         topk = worker.engine.target.mode == "topk"
         for position, example in enumerate(batch):
             maps = result.maps[position] if topk else result.maps[position][None]
