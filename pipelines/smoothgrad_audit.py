@@ -199,12 +199,31 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
     logger.info("Writing the corpus to %s", run_dir)
     result = pipeline.run()
     result.wait_until_finish()
+    _log_summary(run_dir)
     return result
+
+
+def _log_summary(run_dir: str) -> None:
+    import json
+
+    manifest_path = FileSystems.join(run_dir, corpus.MANIFEST)
+    if not FileSystems.exists(manifest_path):  # e.g. a runner that returns before the job ends
+        logger.warning("No manifest in %s yet: the run is not complete.", run_dir)
+        return
+    with FileSystems.open(manifest_path) as handle:
+        manifest = json.loads(handle.read().decode("utf-8"))
+    errors = ", ".join(f"{count} at {stage}" for stage, count in manifest["errors"].items() if count) or "none"
+    logger.info("Done: %d records read, %d explained, %d rows written, errors: %s. Corpus: %s",
+                manifest["records_read"], manifest["records_explained"], manifest["rows_written"], errors, run_dir)
 
 
 def main(argv=None) -> int:
     """Console entry point: one clear line and exit status 2 for user mistakes."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # TensorFlow configures the root logger on import; the CLI owns the process, so
+    # take it over: warnings from everyone, progress from this package.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for name in ("pipelines", "transforms"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         run(argv)
     except ConfigError as error:

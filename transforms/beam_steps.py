@@ -278,11 +278,17 @@ def run_sanity_checks(examples, settings: ExplainSettings) -> dict:
         engine_args["jit"] = "graph"  # each cascade step is a new model: XLA compiles cost more than they save
     started = time.time()
     figures = {"records": len(keys), "keys": keys}
-    for name, check in (("convergence", sanity.convergence), ("randomisation", sanity.randomisation)):
-        try:
-            figures[name] = check(model, images, keys, **engine_args)
-        except Exception as error:  # noqa: BLE001 - a failed check is reported, never fatal
-            logger.warning("Sanity check %s failed: %s", name, error)
-            figures[name] = {"error": decoding.one_line(f"{type(error).__name__}: {error}")}
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)  # each randomised model is a new function: retracing is expected
+    try:
+        for name, check in (("convergence", sanity.convergence), ("randomisation", sanity.randomisation)):
+            try:
+                figures[name] = check(model, images, keys, **engine_args)
+            except Exception as error:  # noqa: BLE001 - a failed check is reported, never fatal
+                logger.warning("Sanity check %s failed: %s", name, error)
+                figures[name] = {"error": decoding.one_line(f"{type(error).__name__}: {error}")}
+    finally:
+        tf_logger.setLevel(level)
     figures["seconds"] = round(time.time() - started, 1)
     return figures
