@@ -63,3 +63,16 @@ def test_weights_file_must_exist(tiny, tmp_path):
         load_model(str(path), weights=str(tmp_path / "missing.weights.h5"))
     tiny.save_weights(str(tmp_path / "w.weights.h5"))
     assert load_model(str(path), weights=str(tmp_path / "w.weights.h5")).count_params() == tiny.count_params()
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_code_in_a_model_file_is_refused_in_safe_mode(tmp_path, suffix):
+    import keras
+
+    inputs = keras.Input((4, 4, 3))
+    doubled = keras.layers.Lambda(lambda x: x * 2.0)(inputs)
+    path = str(tmp_path / f"lambda{suffix}")
+    keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(doubled))).save(path)
+    with pytest.raises(ModelError, match="safe mode refuses"):
+        load_model(path)
+    assert load_model(path, safe_mode=False).count_params() > 0
