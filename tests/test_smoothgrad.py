@@ -619,3 +619,9 @@ def test_every_variant_runs_with_topk(variant):
         assert np.all(result.maps >= 0)
     assert np.abs(result.maps).max() > 0
     assert not np.allclose(result.maps[:, 0], result.maps[:, 1])
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    explainer = SmoothGrad(_conv_model([keras.layers.Conv2D(4, 3)]), samples=np.int64(2), noise=np.int64(1),
+                           batch_size=np.int32(1), seed=np.int64(3), jit="graph")
+    assert explainer.samples == 2 and explainer.noise == 1.0 and explainer.seed == 3

@@ -325,7 +325,7 @@ class SmoothGrad:
                  logits: bool = True, sample_offset: int = 0):
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
             raise _bad_option("samples", "a whole number >= 1", samples)
-        if isinstance(noise, bool) or not isinstance(noise, (int, float, np.floating)) \
+        if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(noise) or noise < 0:
             raise _bad_option("noise", "a finite number >= 0", noise)
         if noise_mode not in NOISE_MODES:
@@ -341,6 +341,9 @@ class SmoothGrad:
             raise _bad_option("chunk", "a whole number >= 1 or None", chunk)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise _bad_option("seed", "a whole number", seed)
+        if variant == "vargrad" and (samples == 1 or noise == 0):
+            logger.warning("variant='vargrad' with samples=%s and noise=%s: every map will be all zeros "
+                           "(the variance of identical gradients).", samples, noise)
         self.target = Target.parse(target)
         self.samples = int(samples)
         self.noise = float(noise)
