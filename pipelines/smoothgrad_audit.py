@@ -17,6 +17,7 @@ import logging
 import sys
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
@@ -114,8 +115,6 @@ def plan(config: Config) -> dict:
         raise ConfigError(f"config key 'target': the model has {info.classes} classes; got {config.target!r}.")
     map_shape = (height, width) + ((channels,) if config.reduce == "none" else ())
     try:
-        import numpy as np
-
         map_shape = downsample_map(np.zeros(map_shape, np.float32), config.downsample).shape
     except ValueError as error:
         raise ConfigError(f"config key 'downsample': {error}") from None

@@ -105,17 +105,6 @@ class _WriteManifest(beam.DoFn):
         yield final
 
 
-def _add_quality(totals, row):
-    if row.get("mass_in_mask") is None:
-        return totals
-    return totals[0] + row["mass_in_mask"], totals[1] + int(row["pointing_hit"]), totals[2] + 1
-
-
-def _merge_quality(parts):
-    parts = list(parts)
-    return tuple(sum(part[index] for part in parts) for index in range(3))
-
-
 class _QualityTotals(beam.CombineFn):
     """Sums of mass_in_mask, pointing hits and maps with a mask."""
 
@@ -123,10 +112,12 @@ class _QualityTotals(beam.CombineFn):
         return 0.0, 0, 0
 
     def add_input(self, totals, row):
-        return _add_quality(totals, row)
+        if row.get("mass_in_mask") is None:  # no mask on this record
+            return totals
+        return totals[0] + row["mass_in_mask"], totals[1] + int(row["pointing_hit"]), totals[2] + 1
 
     def merge_accumulators(self, accumulators):
-        return _merge_quality(accumulators)
+        return tuple(map(sum, zip(*accumulators)))
 
     def extract_output(self, totals):
         return totals
