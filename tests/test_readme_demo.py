@@ -95,3 +95,14 @@ def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
     finally:
         os.chdir(previous)
     assert "duckdb" in snippets[3]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "local.yaml", "dataflow.yaml"])
+def test_shipped_configs_are_valid(name):
+    from pipelines.config import load_yaml, validate
+
+    config = validate(load_yaml(os.path.join(REPO, "configs", name)))
+    assert config.samples == 20 and config.noise == 0.1 and config.target == "top1"
+    if name != "demo.yaml":  # the seed's settings: Xception with ImageNet weights, x/127.5 - 1
+        assert config.model == "keras.applications:Xception" and config.weights == "imagenet"
+        assert config.preprocess == "tf"
