@@ -40,6 +40,7 @@ DECODE_BATCH = 32
 
 
 def _check_inputs(config: Config) -> None:
+    names = {}
     for pattern in config.input:
         try:
             matched = FileSystems.match([pattern])[0].metadata_list
@@ -47,6 +48,13 @@ def _check_inputs(config: Config) -> None:
             raise ConfigError(f"config key 'input': cannot list {pattern!r} ({error}).") from None
         if not matched:
             raise ConfigError(f"config key 'input': pattern {pattern!r} matches no file.")
+        for metadata in matched:
+            names.setdefault(FileSystems.split(metadata.path)[1], set()).add(metadata.path)
+    clashing = sorted(name for name, paths in names.items() if len(paths) > 1)
+    if clashing and not config.id_feature:
+        logger.warning("%d file names occur in several input folders (e.g. %s): their default keys "
+                       "<file name>:<index> collide; set id_feature or rename the files.",
+                       len(clashing), clashing[0])
 
 
 def prepare_run_dir(config: Config) -> str:
