@@ -1,12 +1,14 @@
 """smoothgrad-audit: SmoothGrad saliency corpora from TFRecord datasets on Apache Beam."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="smoothgrad-audit",
     version="0.1.0",
     description="Batch SmoothGrad saliency corpora from TFRecord image datasets, on Apache Beam.",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*"]),

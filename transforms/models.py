@@ -111,12 +111,9 @@ def _load_application(name: str, weights):
 
 def _load_saved_model(path: str):
     import keras
-    import tensorflow as tf
 
-    layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
-    loaded = tf.saved_model.load(path)
-    signature = loaded.signatures["serving_default"]
-    specs = list(signature.structured_input_signature[1].values())
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")  # loads the SavedModel once
+    specs = list(layer.call_endpoint_fn.structured_input_signature[1].values())
     if len(specs) != 1:
         raise ModelError(f"SavedModel {path!r}: its serving_default signature takes {len(specs)} inputs; "
                          "one image batch is needed.")
