@@ -17,7 +17,6 @@ import logging
 import sys
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
@@ -28,7 +27,6 @@ from transforms.beam_steps import (ACCOUNTING, ERRORS, DecodeRecords, ExplainBat
                                    ReadTFRecords, run_sanity_checks)
 from transforms.decode import DecodeSettings
 from transforms.models import ModelError, describe, load_model
-from transforms.postprocess import downsample as downsample_map
 from transforms.smoothgrad import SmoothGrad, Target, key_seed
 
 logger = logging.getLogger(__name__)
@@ -121,11 +119,10 @@ def plan(config: Config) -> dict:
         raise ConfigError(f"config key 'target': the model has {info.classes} classes; got {config.target!r}.")
     if target.mode == "topk" and target.k > info.classes:
         raise ConfigError(f"config key 'target': the model has {info.classes} classes; got {config.target!r}.")
-    map_shape = (height, width) + ((channels,) if config.reduce == "none" else ())
-    try:
-        map_shape = downsample_map(np.zeros(map_shape, np.float32), config.downsample).shape
-    except ValueError as error:
-        raise ConfigError(f"config key 'downsample': {error}") from None
+    factor = config.downsample
+    if height // factor == 0 or width // factor == 0:
+        raise ConfigError(f"config key 'downsample': {factor} is larger than the {height}x{width} map.")
+    map_shape = (height // factor, width // factor) + ((channels,) if config.reduce == "none" else ())
     return {"model": model, "info": info, "image_size": (height, width), "channels": channels,
             "engine_args": engine_args, "engine": engine, "map_shape": tuple(map_shape), "target": target}
 
