@@ -1,10 +1,10 @@
-"""Unit tests of the SmoothGrad engine's math (SPEC §4, §6) on tiny models.
+"""Unit tests of the SmoothGrad engine's math on tiny models.
 
 Every expected value is computed independently of the engine: plain gradients
 with ``tf.GradientTape`` on logits rebuilt from the layers' weights, closed
 forms for linear models, and ``np.var`` over per-sample gradients. The only
 pieces of the engine a reference reuses are its noise generator
-(``_standard_normal`` seeded with ``key_seed``), so that per-sample gradients can
+(``standard_normal`` seeded with ``key_seed``), so that per-sample gradients can
 be recomputed one by one; the noise itself is checked for its distribution.
 """
 
@@ -15,12 +15,11 @@ import pytest
 import tensorflow as tf
 import keras
 
+from transforms.noise import key_seed, standard_normal
 from transforms.smoothgrad import (
     REDUCTIONS,
     VARIANTS,
     SmoothGrad,
-    _standard_normal,
-    key_seed,
 )
 
 HEIGHT, WIDTH, CHANNELS = 8, 8, 3
@@ -131,7 +130,7 @@ def _plain_map(logits_fn, images, classes) -> np.ndarray:
 def _noise(seed: int, key: str, sample: int, shape) -> np.ndarray:
     """The engine's noise for (seed, key, sample), drawn one sample at a time."""
     seeds = tf.constant([[key_seed(seed, key), sample]], tf.int64)
-    return _standard_normal(seeds, tuple(shape)).numpy()[0]
+    return standard_normal(seeds, tuple(shape)).numpy()[0]
 
 
 def _per_sample_gradients(logits_fn, image, key, target, samples, sigma, seed) -> np.ndarray:

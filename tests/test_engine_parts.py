@@ -1,0 +1,175 @@
+"""Unit tests of the engine's pieces: noise, targets, reductions, variants, jit.
+
+The maps themselves are pinned by ``test_reference_maps.py``; these tests cover
+the pieces' own contracts (error messages, shapes, the accumulator interface).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from transforms.jit import graph_fallback
+from transforms.noise import sample_seeds, sigma_per_image
+from transforms.reductions import reduce_magnitude, reduce_signed
+from transforms.smoothgrad import SmoothGrad
+from transforms.targets import Target
+from transforms.variants import VARIANTS, Accumulator, accumulate, get_variant
+
+
+# ------------------------------------------------------------------- noise
+def test_sigma_per_image_absolute_and_relative():
+    images = np.zeros((2, 3, 3, 1), np.float32)
+    images[0, 0, 0, 0], images[0, 1, 1, 0] = -1.0, 3.0  # spread 4
+    images[1] += 5.0  # constant image: spread 0
+    absolute = sigma_per_image(images, 0.25, "absolute")
+    relative = sigma_per_image(images, 0.25, "relative")
+    assert absolute.dtype == relative.dtype == np.float32
+    np.testing.assert_array_equal(absolute, [0.25, 0.25])
+    np.testing.assert_array_equal(relative, [1.0, 0.0])
+    with pytest.raises(ValueError, match="'noise_mode' must be one of"):
+        sigma_per_image(images, 0.25, "relatve")
+
+
+def test_sample_seeds_are_example_major():
+    seeds = sample_seeds(tf.constant([10, 20], tf.int64), tf.constant([3, 4, 5], tf.int64)).numpy()
+    assert seeds.tolist() == [[10, 3], [10, 4], [10, 5], [20, 3], [20, 4], [20, 5]]
+
+
+# ----------------------------------------------------------------- targets
+@pytest.mark.parametrize("text", ["top2", "class:", "topk:0", "class:-1", "", 3])
+def test_target_parse_rejects(text):
+    with pytest.raises(ValueError, match="'target' must be"):
+        Target.parse(text)
+
+
+@pytest.mark.parametrize("text", ["top1", "label", "class:7", "topk:3"])
+def test_target_round_trips(text):
+    assert str(Target.parse(text)) == text
+
+
+def test_check_classes():
+    Target.parse("class:4").check_classes(5)
+    Target.parse("topk:5").check_classes(5)
+    Target.parse("label").check_classes(1)
+    with pytest.raises(ValueError, match=r"0 <= K < 5 \(the model's classes\); got 'class:5'"):
+        Target.parse("class:5").check_classes(5)
+    with pytest.raises(ValueError, match=r"K <= 5 \(the model's classes\); got 'topk:6'"):
+        Target.parse("topk:6").check_classes(5)
+
+
+def test_given_classes():
+    assert Target.parse("class:2").given_classes(None, 3).tolist() == [[2], [2], [2]]
+    assert Target.parse("topk:2").given_classes(None, 1).shape == (1, 2)
+    assert Target.parse("label").given_classes([1, 0], 2).tolist() == [[1], [0]]
+    with pytest.raises(ValueError, match="needs 'targets'"):
+        Target.parse("label").given_classes(None, 2)
+    with pytest.raises(ValueError, match="must be 2 whole numbers"):
+        Target.parse("label").given_classes([0.5, 1.0], 2)
+
+
+# -------------------------------------------------------------- reductions
+def test_reductions():
+    values = tf.constant([[1.0, -3.0, 2.0]])
+    assert reduce_magnitude(values, "max_abs").numpy().tolist() == [3.0]
+    assert reduce_magnitude(values, "sum_abs").numpy().tolist() == [6.0]
+    assert reduce_signed(values, "max_abs").numpy().tolist() == [-3.0]
+    assert reduce_signed(values, "sum_abs").numpy().tolist() == [0.0]
+    for reduce in (reduce_magnitude, reduce_signed):
+        with pytest.raises(ValueError, match="'reduce' must be one of"):
+            reduce(values, "median")
+
+
+# ---------------------------------------------------------------- variants
+def _chunks(grads_per_sample, chunk):
+    """[B, S, K, H, W, C] per-sample gradients as padded chunks with weights."""
+    samples = grads_per_sample.shape[1]
+    out = []
+    for first in range(0, samples, chunk):
+        part = grads_per_sample[:, first:first + chunk]
+        weights = np.ones(chunk, np.float32)
+        if part.shape[1] < chunk:  # overhang: garbage that must get weight 0
+            weights[part.shape[1]:] = 0.0
+            pad = np.full((part.shape[0], chunk - part.shape[1]) + part.shape[2:], 1e6, np.float32)
+            part = np.concatenate([part, pad], axis=1)
+        out.append((tf.constant(part), tf.constant(weights)))
+    return out
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_accumulators_match_numpy(name):
+    rng = np.random.default_rng(3)
+    batch, samples, k, height, width, channels = 2, 5, 1, 3, 3, 2
+    grads = rng.normal(size=(batch, samples, k, height, width, channels)).astype(np.float32)
+    images = rng.normal(size=(batch, height, width, channels)).astype(np.float32)
+    accumulator = get_variant(name, "none")
+    assert isinstance(accumulator, Accumulator) and accumulator.name == name
+    state = accumulator.start(batch, k, height, width, channels)
+    assert isinstance(state, tuple) and all(isinstance(part, tf.Tensor) for part in state)
+    for part, weights in _chunks(grads, chunk=2):
+        state = accumulator.add(state, part, weights)
+    maps = accumulator.finish(state, tf.constant(images), samples).numpy()
+    expected = {
+        "smoothgrad": np.abs(grads).mean(axis=1),
+        "smoothgrad_squared": np.square(grads).mean(axis=1),
+        "vargrad": grads.var(axis=1),
+        "signed": grads.mean(axis=1),
+        "grad_x_input": images[:, None] * grads.mean(axis=1),
+    }[name]
+    assert maps.shape == (batch, k, height, width, channels)
+    np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulate_runs_the_loop_in_a_graph():
+    rng = np.random.default_rng(4)
+    grads = rng.normal(size=(1, 6, 1, 2, 2, 1)).astype(np.float32)
+    accumulator = get_variant("vargrad", "mean_abs")
+
+    @tf.function(autograph=False)
+    def run():
+        def gradients(index):
+            part = tf.gather(tf.constant(grads), index * 2 + tf.range(2), axis=1)
+            return part, tf.ones([2])
+
+        state = accumulate(accumulator, 3, gradients, (1, 1, 2, 2, 1))
+        return accumulator.finish(state, tf.zeros([1, 2, 2, 1]), 6)
+
+    np.testing.assert_allclose(run().numpy(), grads.var(axis=1)[..., 0], rtol=1e-5, atol=1e-7)
+
+
+def test_get_variant_rejects_unknown():
+    with pytest.raises(ValueError, match="'variant' must be one of"):
+        get_variant("integrated", "mean_abs")
+    with pytest.raises(ValueError, match="'reduce' must be one of"):
+        get_variant("smoothgrad", "median")
+
+
+# --------------------------------------------------------------------- jit
+def test_graph_fallback_only_for_auto_on_the_first_xla_call():
+    error = tf.errors.UnimplementedError(None, None, "no XLA kernel\n for MaxPoolGrad")
+    jit_used, reason = graph_fallback("auto", "xla", 0, error)
+    assert jit_used == "graph"
+    assert reason == "auto: XLA failed to compile (no XLA kernel for MaxPoolGrad); plain graph"
+    assert graph_fallback("xla", "xla", 0, error) is None
+    assert graph_fallback("auto", "graph", 0, error) is None
+    assert graph_fallback("auto", "xla", 1, error) is None
+    assert graph_fallback("auto", "xla", 0, ValueError("other")) is None
+
+
+# ------------------------------------------------------------ check_model
+def _model(classes=3):
+    inputs = keras.Input((4, 4, 1))
+    outputs = keras.layers.Dense(classes, activation="softmax")(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, outputs)
+
+
+def test_check_model_counts_classes_without_compiling():
+    explainer = SmoothGrad(_model(), samples=1, jit="graph", target="topk:3")
+    assert explainer.check_model((4, 4, 1)) == 3
+    assert explainer.num_classes == 3 and explainer.compile_count == 0
+    with pytest.raises(ValueError, match="'target' must be 'topk:K' with K <= 3"):
+        SmoothGrad(_model(), samples=1, jit="graph", target="topk:4").check_model((4, 4, 1))
+    with pytest.raises(ValueError, match=r"Each image must be \(4, 4, 1\)"):
+        explainer.check_model((5, 4, 1))
