@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from transforms.postprocess import parse_normalize
-from transforms.preprocess import PREPROCESS_MODES, check_preprocess
+from transforms.postprocess import Normalization
+from transforms.preprocess import PREPROCESS_MODES, Preprocessing
 from transforms.smoothgrad import JIT_MODES, NOISE_MODES, REDUCTIONS, VARIANTS, Target
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._=-]+")
@@ -31,72 +31,12 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; its message is one line."""
 
 
-def _field(default, help_text: str, **extra):
-    return dataclasses.field(default=default, metadata={"help": help_text, **extra})
-
-
-@dataclasses.dataclass
-class Config:
-    """Every setting of a run. See ``smoothgrad-audit --help``."""
-
-    input: list = _field(None, "TFRecord file pattern(s): local paths or gs://, globs allowed; "
-                               "a list in YAML, repeat the flag or separate with commas on the command line.")
-    output: str = _field(None, "Folder that receives OUTPUT/run_id=<RUN_ID>/ (local or gs://).")
-    run_id: str = _field(None, "Name of this run's folder (characters A-Z a-z 0-9 . _ = -); "
-                               "default: the UTC start time, e.g. 20260101T120000Z.")
-    model: str = _field(None, "A .keras file (safe mode), a .h5 file, a SavedModel folder, "
-                              "or keras.applications:<Name> (e.g. keras.applications:Xception).")
-    weights: str = _field(None, "For keras.applications: 'imagenet', a weights file, or null for random "
-                                "weights; for a model file: an optional .weights.h5 file to load on top.")
-    unsafe_model_loading: bool = _field(False, "Allow .keras files with Lambda layers or other code "
-                                               "(turns Keras safe mode off). Only for models you trust.")
-    image_size: list = _field(None, "Model input size H,W (or one number for square); "
-                                    "default: read from the model.")
-    resize_method: str = _field("bilinear", f"Image resize method, one of {RESIZE_METHODS}.")
-    preprocess: str = _field("tf", f"Input scaling, one of {PREPROCESS_MODES} or "
-                                   "keras.applications.<module> (its preprocess_input).")
-    image_feature: str = _field("image/encoded", "Feature with the encoded image (JPEG/PNG/GIF/BMP bytes).")
-    label_feature: str = _field("image/class/label", "Int64 feature with the label (optional per record).")
-    id_feature: str = _field(None, "Bytes feature used as the record key; default key <file name>:<index>.")
-    raw_feature: str = _field(None, "Float feature holding the model input as a raw tensor (already "
-                                    "preprocessed, no resize); used instead of image_feature when set.")
-    raw_shape: list = _field(None, "Shape H,W,C of raw_feature's tensor (default: the model input shape).")
-    mask_feature: str = _field(None, "Feature with an object mask PNG (non-zero = object); adds the "
-                                     "mass_in_mask and pointing_hit columns.")
-    samples: int = _field(20, "N, noisy samples per image (all noisy).")
-    noise: float = _field(0.1, "Noise level sigma (>= 0); see noise_mode.")
-    noise_mode: str = _field("absolute", f"One of {NOISE_MODES}: sigma in model input units, or "
-                                         "sigma x (max - min) of each preprocessed image.")
-    variant: str = _field("smoothgrad", f"One of {VARIANTS}.")
-    reduce: str = _field("mean_abs", f"Channel reduction, one of {REDUCTIONS}.")
-    target: str = _field("top1", "Class(es) to explain: top1, label, class:K or topk:K.")
-    logits: bool = _field(True, "Explain pre-softmax/sigmoid scores (true) or the outputs as they are.")
-    batch_size: int = _field(8, "Images per compiled SmoothGrad step (the last batch is padded).")
-    chunk: int = _field(None, "Noisy samples per image processed at once (memory bound); "
-                              "default about 32 noisy images per step.")
-    jit: str = _field("auto", f"One of {JIT_MODES}: XLA, plain TF graph, or chosen by device and model.")
-    seed: int = _field(0, "Global noise seed; an example's noise depends on (seed, key, sample).")
-    dtype: str = _field("float32", f"Stored saliency dtype, one of {DTYPES} (float16 halves storage; "
-                                      "raw maps outside its range become errors).")
-    normalize: str = _field("none", "Map normalisation before storing: none, minmax, abs_minmax or "
-                                    "percentile:P (0 < P <= 100).")
-    downsample: int = _field(1, "Integer factor to average-pool stored maps by (1 = full resolution).")
-    overwrite: bool = _field(False, "Replace a completed run with the same run_id.")
-    max_image_pixels: int = _field(40_000_000, "Images with more pixels are sent to errors "
-                                               "(decompression-bomb guard).")
-    num_shards: int = _field(0, "Saliency Parquet shards (0 = let the runner decide).")
-    sanity_records: int = _field(0, "Records (chosen by key hash) on which to run the sanity checks "
-                                    "(model randomisation, split-half convergence) into the manifest; 0 = off.")
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [field.name for field in dataclasses.fields(cls)]
-
-
 def _fail(key: str, allowed: str, got: Any) -> ConfigError:
     return ConfigError(f"config key '{key}': expected {allowed}; got {got!r}.")
 
 
+# ------------------------------------------------------------------ parsers
+# Each parser takes (key, raw value) and returns the parsed value or raises ConfigError.
 def _as_bool(key, value):
     if isinstance(value, bool):
         return value
@@ -105,138 +45,220 @@ def _as_bool(key, value):
     raise _fail(key, "true or false", value)
 
 
-def _as_int(key, value, minimum=None):
-    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(key, "a whole number" + (f" >= {minimum}" if minimum is not None else ""), value)
-    if minimum is not None and value < minimum:
-        raise _fail(key, f"a whole number >= {minimum}", value)
-    return value
+def _whole(minimum=None):
+    def parse(key, value):
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            value = int(value)
+        allowed = "a whole number" + (f" >= {minimum}" if minimum is not None else "")
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            raise _fail(key, allowed, value)
+        return value
+    return parse
 
 
-def _as_float(key, value, minimum=None):
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise _fail(key, "a number", value) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(key, "a finite number", value)
-    if minimum is not None and value < minimum:
-        raise _fail(key, f"a number >= {minimum}", value)
-    return float(value)
+def _number(minimum=None):
+    def parse(key, value):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise _fail(key, "a number", value) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _fail(key, "a finite number", value)
+        if minimum is not None and value < minimum:
+            raise _fail(key, f"a number >= {minimum}", value)
+        return float(value)
+    return parse
 
 
-def _as_str(key, value, allowed=None):
+def _text(key, value):
     if not isinstance(value, str) or not value:
-        raise _fail(key, "a non-empty string" if allowed is None else f"one of {allowed}", value)
-    if allowed is not None and value not in allowed:
-        raise _fail(key, f"one of {allowed}", value)
+        raise _fail(key, "a non-empty string", value)
     return value
 
 
-def _as_int_list(key, value, length_options):
+def _one_of(choices):
+    def parse(key, value):
+        if value not in choices:
+            raise _fail(key, f"one of {choices}", value)
+        return value
+    return parse
+
+
+def _whole_list(*lengths):
+    def parse(key, value):
+        if isinstance(value, str):
+            value = [part for part in re.split(r"[,x\s]+", value.strip()) if part]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or len(value) not in lengths:
+            raise _fail(key, f"{' or '.join(str(n) for n in lengths)} whole numbers", value)
+        return [_whole(1)(key, item) for item in value]
+    return parse
+
+
+def _image_size(key, value):
+    size = _whole_list(1, 2)(key, value)
+    return size * 2 if len(size) == 1 else size
+
+
+def _patterns(key, value):
     if isinstance(value, str):
-        value = [part for part in re.split(r"[,x\s]+", value.strip()) if part]
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or len(value) not in length_options:
-        raise _fail(key, f"{' or '.join(str(n) for n in length_options)} whole numbers", value)
-    numbers = [_as_int(key, item, minimum=1) for item in value]
-    return numbers
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, str) and p for p in value):
+        raise _fail(key, "a file pattern or a list of file patterns", value)
+    return list(value)
+
+
+def _run_id(key, value):
+    value = str(value)
+    if not RUN_ID_PATTERN.fullmatch(value) or value in (".", ".."):
+        raise _fail(key, "a folder name of characters A-Z a-z 0-9 . _ = - (no path separators)", value)
+    return value
+
+
+def _parsed(parse_text, allowed):
+    """A parser from a ``parse(text)`` classmethod that raises ValueError."""
+    def parse(key, value):
+        try:
+            return parse_text(value)
+        except ValueError as error:
+            raise ConfigError(f"config key '{key}': expected {allowed}; got {value!r}"
+                              + ("" if "got" in str(error) else f" ({error})") + ".") from None
+    return parse
+
+
+def _preprocessing(key, value):
+    try:
+        return Preprocessing.parse(value)
+    except ValueError as error:
+        raise ConfigError(f"config key '{key}': {error}") from None
+
+
+def _field(default, help_text: str, parse, required: bool = False):
+    """A config field: its default, ``--help`` text and parser (None always allowed unless required)."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "parse": parse, "required": required})
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a run, parsed (see ``smoothgrad-audit --help``).
+
+    Values are held parsed: ``target`` is a :class:`~transforms.targets.Target`,
+    ``normalize`` a :class:`~transforms.postprocess.Normalization`,
+    ``preprocess`` a :class:`~transforms.preprocess.Preprocessing`; their ``str``
+    is the text form users write.
+    """
+
+    input: list = _field(None, "TFRecord file pattern(s): local paths or gs://, globs allowed; "
+                               "a list in YAML, repeat the flag or separate with commas on the command line.",
+                         _patterns, required=True)
+    output: str = _field(None, "Folder that receives OUTPUT/run_id=<RUN_ID>/ (local or gs://).", _text,
+                         required=True)
+    run_id: str = _field(None, "Name of this run's folder (characters A-Z a-z 0-9 . _ = -); "
+                               "default: the UTC start time, e.g. 20260101T120000Z.", _run_id)
+    model: str = _field(None, "A .keras file (safe mode), a .h5 file, a SavedModel folder, "
+                              "or keras.applications:<Name> (e.g. keras.applications:Xception).", _text,
+                        required=True)
+    weights: str = _field(None, "For keras.applications: 'imagenet', a weights file, or null for random "
+                                "weights; for a model file: an optional .weights.h5 file to load on top.", _text)
+    unsafe_model_loading: bool = _field(False, "Allow .keras files with Lambda layers or other code "
+                                               "(turns Keras safe mode off). Only for models you trust.", _as_bool)
+    image_size: list = _field(None, "Model input size H,W (or one number for square); "
+                                    "default: read from the model.", _image_size)
+    resize_method: str = _field("bilinear", f"Image resize method, one of {RESIZE_METHODS}.",
+                                _one_of(RESIZE_METHODS))
+    preprocess: Preprocessing = _field(Preprocessing("tf"), f"Input scaling, one of {PREPROCESS_MODES} or "
+                                       "keras.applications.<module> (its preprocess_input).", _preprocessing)
+    image_feature: str = _field("image/encoded", "Feature with the encoded image (JPEG/PNG/GIF/BMP bytes).", _text)
+    label_feature: str = _field("image/class/label", "Int64 feature with the label (optional per record).", _text)
+    id_feature: str = _field(None, "Bytes feature used as the record key; default key <file name>:<index>.", _text)
+    raw_feature: str = _field(None, "Float feature holding the model input as a raw tensor (already "
+                                    "preprocessed, no resize); used instead of image_feature when set.", _text)
+    raw_shape: list = _field(None, "Shape H,W,C of raw_feature's tensor (default: the model input shape).",
+                             _whole_list(3))
+    mask_feature: str = _field(None, "Feature with an object mask PNG (non-zero = object); adds the "
+                                     "mass_in_mask and pointing_hit columns.", _text)
+    samples: int = _field(20, "N, noisy samples per image (all noisy).", _whole(1))
+    noise: float = _field(0.1, "Noise level sigma (>= 0); see noise_mode.", _number(0.0))
+    noise_mode: str = _field("absolute", f"One of {NOISE_MODES}: sigma in model input units, or "
+                                         "sigma x (max - min) of each preprocessed image.", _one_of(NOISE_MODES))
+    variant: str = _field("smoothgrad", f"One of {VARIANTS}.", _one_of(VARIANTS))
+    reduce: str = _field("mean_abs", f"Channel reduction, one of {REDUCTIONS}.", _one_of(REDUCTIONS))
+    target: Target = _field(Target("top1"), "Class(es) to explain: top1, label, class:K or topk:K.",
+                            _parsed(Target.parse, "top1, label, class:K or topk:K (K a whole number)"))
+    logits: bool = _field(True, "Explain pre-softmax/sigmoid scores (true) or the outputs as they are.", _as_bool)
+    batch_size: int = _field(8, "Images per compiled SmoothGrad step (the last batch is padded).", _whole(1))
+    chunk: int = _field(None, "Noisy samples per image processed at once (memory bound); "
+                              "default about 32 noisy images per step.", _whole(1))
+    jit: str = _field("auto", f"One of {JIT_MODES}: XLA, plain TF graph, or chosen by device and model.",
+                      _one_of(JIT_MODES))
+    seed: int = _field(0, "Global noise seed; an example's noise depends on (seed, key, sample).", _whole())
+    dtype: str = _field("float32", f"Stored saliency dtype, one of {DTYPES} (float16 halves storage; "
+                                   "raw maps outside its range become errors).", _one_of(DTYPES))
+    normalize: Normalization = _field(Normalization("none"), "Map normalisation before storing: none, minmax, "
+                                      "abs_minmax or percentile:P (0 < P <= 100).",
+                                      _parsed(Normalization.parse,
+                                              "none, minmax, abs_minmax or percentile:P with 0 < P <= 100"))
+    downsample: int = _field(1, "Integer factor to average-pool stored maps by (1 = full resolution).", _whole(1))
+    overwrite: bool = _field(False, "Replace a completed run with the same run_id.", _as_bool)
+    max_image_pixels: int = _field(40_000_000, "Images with more pixels are sent to errors "
+                                               "(decompression-bomb guard).", _whole(1))
+    num_shards: int = _field(0, "Saliency Parquet shards (0 = let the runner decide).", _whole(0))
+    sanity_records: int = _field(0, "Records (chosen by key hash) on which to run the sanity checks "
+                                    "(model randomisation, split-half convergence) into the manifest; 0 = off.",
+                                 _whole(0))
+    model_copies: int = _field(None, "Models per machine shared by all its SDK worker processes (Beam "
+                                     "RunInference model sharing; e.g. 1 for one model per GPU); "
+                                     "null = one model per worker process.", _whole(1))
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The config keys, in the order ``--help`` lists them."""
+        return [field.name for field in dataclasses.fields(cls)]
+
+    def as_dict(self) -> dict:
+        """The settings as plain values (parsed ones in their text form), for manifests."""
+        plain = {}
+        for key in self.keys():
+            value = getattr(self, key)
+            plain[key] = str(value) if isinstance(value, (Target, Normalization, Preprocessing)) else value
+        return plain
+
+
+def show_default(value) -> str:
+    """A default as ``--help`` and the README show it (parsed values in their text form)."""
+    return repr(str(value)) if isinstance(value, (Target, Normalization, Preprocessing)) else repr(value)
 
 
 def validate(raw: dict) -> Config:
-    """Builds a :class:`Config` from a flat mapping, or raises :class:`ConfigError`."""
+    """Builds a :class:`Config` from a flat mapping of raw values, or raises :class:`ConfigError`.
+
+    Each key is parsed by its field's parser; None (YAML ``null``) keeps a
+    field's default unless the key is required. Checks that involve several
+    keys follow.
+    """
     unknown = sorted(set(raw) - set(Config.keys()))
     if unknown:
         raise ConfigError(f"unknown config key '{unknown[0]}'; allowed keys: {', '.join(Config.keys())}.")
-    values = {key: value for key, value in raw.items()}
     config = Config()
-
-    inputs = values.get("input")
-    if inputs is None:
-        raise ConfigError("config key 'input' is required: one or more TFRecord file patterns.")
-    if isinstance(inputs, str):
-        inputs = [part.strip() for part in inputs.split(",") if part.strip()]
-    if not isinstance(inputs, (list, tuple)) or not inputs or not all(isinstance(p, str) and p for p in inputs):
-        raise _fail("input", "a file pattern or a list of file patterns", values.get("input"))
-    config.input = list(inputs)
-    for key in ("output", "model"):
-        if values.get(key) is None:
-            raise ConfigError(f"config key '{key}' is required.")
-        setattr(config, key, _as_str(key, values[key]))
-
-    run_id = values.get("run_id")
-    if run_id is None:
-        run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_id = str(run_id)
-    if not RUN_ID_PATTERN.fullmatch(run_id) or run_id in (".", ".."):
-        raise _fail("run_id", "a folder name of characters A-Z a-z 0-9 . _ = - (no path separators)", run_id)
-    config.run_id = run_id
-
-    for key in ("weights", "id_feature", "raw_feature", "mask_feature"):
-        if values.get(key) is not None:
-            setattr(config, key, _as_str(key, values[key]))
-    for key in ("image_feature", "label_feature"):
-        if key in values:
-            setattr(config, key, _as_str(key, values[key]) if values[key] is not None else None)
+    for field in dataclasses.fields(Config):
+        value = raw.get(field.name)
+        if value is None and field.metadata["required"]:
+            raise ConfigError(f"config key '{field.name}' is required"
+                              + (": one or more TFRecord file patterns." if field.name == "input" else "."))
+        if value is None and (field.default is None or field.name not in raw):
+            continue
+        if value is None and field.name in ("image_feature", "label_feature"):
+            setattr(config, field.name, None)  # explicitly switched off
+            continue
+        setattr(config, field.name, field.metadata["parse"](field.name, value))
+    if config.run_id is None:
+        config.run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     if config.image_feature is None and config.raw_feature is None:
         raise ConfigError("config key 'image_feature': needs a feature name unless 'raw_feature' is set.")
-    for key in ("unsafe_model_loading", "overwrite", "logits"):
-        if key in values:
-            setattr(config, key, _as_bool(key, values[key]))
-    if values.get("image_size") is not None:
-        size = _as_int_list("image_size", values["image_size"], (1, 2))
-        config.image_size = size * 2 if len(size) == 1 else size
-    if values.get("raw_shape") is not None:
-        config.raw_shape = _as_int_list("raw_shape", values["raw_shape"], (3,))
-    if "resize_method" in values:
-        config.resize_method = _as_str("resize_method", values["resize_method"], RESIZE_METHODS)
-    if "preprocess" in values:
-        config.preprocess = _as_str("preprocess", values["preprocess"])
-        try:
-            check_preprocess(config.preprocess)
-        except ValueError as error:
-            raise ConfigError(f"config key 'preprocess': {error}") from None
-
-    if "samples" in values:
-        config.samples = _as_int("samples", values["samples"], minimum=1)
-    if "noise" in values:
-        config.noise = _as_float("noise", values["noise"], minimum=0.0)
-    for key, allowed in (("noise_mode", NOISE_MODES), ("variant", VARIANTS), ("reduce", REDUCTIONS),
-                         ("jit", JIT_MODES), ("dtype", DTYPES)):
-        if key in values:
-            setattr(config, key, _as_str(key, values[key], allowed))
-    if "target" in values:
-        try:
-            config.target = str(Target.parse(values["target"]))
-        except ValueError:
-            raise _fail("target", "top1, label, class:K or topk:K (K a whole number)", values["target"]) from None
-    if config.target == "label" and not config.label_feature:
+    if config.target.mode == "label" and not config.label_feature:
         raise ConfigError("config key 'target': 'label' needs 'label_feature' to name the label feature.")
-    if "batch_size" in values:
-        config.batch_size = _as_int("batch_size", values["batch_size"], minimum=1)
-    if values.get("chunk") is not None:
-        config.chunk = _as_int("chunk", values["chunk"], minimum=1)
-    if "seed" in values:
-        config.seed = _as_int("seed", values["seed"])
-    if "normalize" in values:
-        config.normalize = _as_str("normalize", values["normalize"])
-        try:
-            parse_normalize(config.normalize)
-        except ValueError:
-            raise _fail("normalize", "none, minmax, abs_minmax or percentile:P with 0 < P <= 100",
-                        config.normalize) from None
-    if "downsample" in values:
-        config.downsample = _as_int("downsample", values["downsample"], minimum=1)
-    if "max_image_pixels" in values:
-        config.max_image_pixels = _as_int("max_image_pixels", values["max_image_pixels"], minimum=1)
-    if "sanity_records" in values:
-        config.sanity_records = _as_int("sanity_records", values["sanity_records"], minimum=0)
-    if "num_shards" in values:
-        config.num_shards = _as_int("num_shards", values["num_shards"], minimum=0)
     return config
 
 
@@ -278,7 +300,7 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with a flat mapping of the keys below.")
     for field in dataclasses.fields(Config):
-        help_text = field.metadata["help"] + f" (default: {field.default!r})"
+        help_text = field.metadata["help"] + f" (default: {show_default(field.default)})"
         if field.type in ("bool", bool):
             parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, help=help_text)
             if "_" in field.name:

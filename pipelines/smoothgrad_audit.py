@@ -6,28 +6,37 @@ Usage::
     python -m pipelines.smoothgrad_audit --config configs/local.yaml --runner DataflowRunner ...
 
 The graph reads as a sentence of named steps: ReadRecords → BatchRecords →
-Decode → BatchImages → SmoothGrad → WriteCorpus (Parquet shards, errors,
-and ``_MANIFEST.json`` last). See README.md for every option and the output
-schema.
+Decode → SmoothGrad (Beam RunInference) → ToRows → WriteCorpus (Parquet shards,
+errors, and ``_MANIFEST.json`` last). See README.md for every option and the
+output schema, ARCHITECTURE.md for the modules.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import sys
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from pipelines.config import Config, ConfigError, parse
-from transforms import corpus
+from transforms import corpus, postprocess
 from transforms import schema as corpus_schema
-from transforms.beam_steps import (ACCOUNTING, ERRORS, DecodeRecords, ExplainBatches, ExplainSettings,
-                                   ReadTFRecords, run_sanity_checks)
-from transforms.decode import DecodeSettings
-from transforms.models import ModelError, describe, load_model
-from transforms.smoothgrad import SmoothGrad, Target, key_seed
+from transforms.decode import DecodeRecords, DecodeSettings
+from transforms.errors import ERRORS
+from transforms.explain import ExplainSettings, SmoothGradModelHandler
+from transforms.models import ModelError, ModelInfo, describe, load_model
+from transforms.noise import key_seed
+from transforms.records import ReadTFRecords
+from transforms.rows import RowSettings, ToRows
+from transforms.sanity import run_sanity_checks
+from transforms.smoothgrad import SmoothGrad
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +72,6 @@ def prepare_run_dir(config: Config) -> str:
     """
     output = config.output.rstrip("/") or "/"
     if "://" not in output:
-        import os
-
         if os.path.exists(output) and not os.path.isdir(output):
             raise ConfigError(f"config key 'output': {output!r} is a file; a folder is needed.")
     run_dir = FileSystems.join(output, f"run_id={config.run_id}")
@@ -94,8 +101,31 @@ def _image_size(config: Config, input_shape: tuple) -> tuple[int, int]:
     return height, width
 
 
-def plan(config: Config) -> dict:
-    """Everything checked and derived on the launcher before the pipeline starts."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything checked and derived on the launcher before the pipeline starts.
+
+    Attributes:
+        model: the loaded Keras model (launcher only; workers load their own).
+        info: what the manifest records about the model.
+        image_size: (H, W) of the model input.
+        channels: C of the model input.
+        engine_args: keyword arguments of :class:`SmoothGrad`, as workers get them.
+        engine: the launcher's engine, built to check the options against the model.
+        map_shape: the stored map's shape, ``(H, W)`` or ``(H, W, C)``.
+    """
+
+    model: Any
+    info: ModelInfo
+    image_size: tuple
+    channels: int
+    engine_args: dict
+    engine: SmoothGrad
+    map_shape: tuple
+
+
+def plan(config: Config) -> Plan:
+    """Checks the inputs, the model and every option against it; raises :class:`ConfigError` (one line)."""
     _check_inputs(config)
     try:
         model = load_model(config.model, config.weights, safe_mode=not config.unsafe_model_loading)
@@ -111,63 +141,56 @@ def plan(config: Config) -> dict:
                        batch_size=config.batch_size, chunk=config.chunk, jit=config.jit, seed=config.seed,
                        logits=config.logits)
     try:
-        engine = SmoothGrad(model, **engine_args)  # validates the options against this model
+        engine = SmoothGrad(model, **engine_args)
     except ValueError as error:
         raise ConfigError(f"SmoothGrad options: {error}") from None
-    target = Target.parse(config.target)
-    if target.mode == "class" and not 0 <= target.class_id < info.classes:
-        raise ConfigError(f"config key 'target': the model has {info.classes} classes; got {config.target!r}.")
-    if target.mode == "topk" and target.k > info.classes:
-        raise ConfigError(f"config key 'target': the model has {info.classes} classes; got {config.target!r}.")
-    factor = config.downsample
-    if height // factor == 0 or width // factor == 0:
-        raise ConfigError(f"config key 'downsample': {factor} is larger than the {height}x{width} map.")
-    map_shape = (height // factor, width // factor) + ((channels,) if config.reduce == "none" else ())
-    return {"model": model, "info": info, "image_size": (height, width), "channels": channels,
-            "engine_args": engine_args, "engine": engine, "map_shape": tuple(map_shape), "target": target}
+    try:
+        engine.check_model((height, width, channels))  # the target against the model's classes
+    except ValueError as error:
+        raise ConfigError(f"config key 'target': {error}") from None
+    try:
+        stored = postprocess.downsampled_size(height, width, config.downsample)
+    except ValueError as error:
+        raise ConfigError(f"config key 'downsample': {error}") from None
+    map_shape = stored + ((channels,) if config.reduce == "none" else ())
+    return Plan(model=model, info=info, image_size=(height, width), channels=channels, engine_args=engine_args,
+                engine=engine, map_shape=tuple(map_shape))
 
 
-def build(pipeline: beam.Pipeline, config: Config, planned: dict, run_dir: str, started_at: str):
+def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, started_at: str):
     """Adds the named steps of the audit to ``pipeline``; returns the manifest PCollection."""
-    info, target = planned["info"], planned["target"]
-    parameters = dict(planned["engine"].parameters())
+    info, target = planned.info, config.target
+    parameters = dict(planned.engine.parameters())
     parameters.pop("jit_used"), parameters.pop("jit_reason")  # decided per worker
-    parameters.update(jit_requested=config.jit, dtype=config.dtype, normalize=config.normalize,
+    parameters.update(jit_requested=config.jit, dtype=config.dtype, normalize=str(config.normalize),
                       downsample=config.downsample)
     header = {
         "run_id": config.run_id, "started_at": started_at, "smoothgrad": parameters,
         "model": {"source": info.source, "weights": info.weights, "sha256": info.sha256,
                   "input_shape": list(info.input_shape), "classes": info.classes,
-                  "scores_from": planned["engine"].scores_from},
+                  "scores_from": planned.engine.scores_from},
         "input": list(config.input),
-        "config": {key: getattr(config, key) for key in Config.keys()},
+        "config": config.as_dict(),
     }
-    saliency_schema = corpus_schema.saliency_schema(planned["map_shape"], config.dtype,
-                                                    mask_columns=bool(config.mask_feature),
+    mask_columns = bool(config.mask_feature)
+    saliency_schema = corpus_schema.saliency_schema(planned.map_shape, config.dtype, mask_columns=mask_columns,
                                                     metadata={"run_id": config.run_id, **parameters,
                                                               "model": header["model"]})
-    decode_settings = DecodeSettings(
-        image_size=planned["image_size"], channels=planned["channels"], image_feature=config.image_feature,
-        label_feature=config.label_feature, id_feature=config.id_feature, raw_feature=config.raw_feature,
-        raw_shape=tuple(config.raw_shape) if config.raw_shape else None, mask_feature=config.mask_feature,
-        resize_method=config.resize_method, preprocess=config.preprocess,
-        max_image_pixels=config.max_image_pixels, require_label=target.mode == "label",
-        num_classes=info.classes)
-    explain_settings = ExplainSettings(
-        model=config.model, weights=config.weights, safe_mode=not config.unsafe_model_loading,
-        engine=planned["engine_args"], dtype=config.dtype, normalize=config.normalize,
-        downsample=config.downsample, mask_columns=bool(config.mask_feature))
+    decode_settings = DecodeSettings.from_config(config, planned.image_size, planned.channels, info.classes)
+    explain_settings = ExplainSettings(model=config.model, weights=config.weights,
+                                       safe_mode=not config.unsafe_model_loading, engine=planned.engine_args)
+    row_settings = RowSettings(dtype=config.dtype, normalize=config.normalize, downsample=config.downsample,
+                               mask_columns=mask_columns)
 
     records, read_errors = pipeline | "ReadRecords" >> ReadTFRecords(config.input)
     decoded = (records
                | "BatchRecords" >> beam.BatchElements(min_batch_size=1, max_batch_size=DECODE_BATCH)
                | "Decode" >> beam.ParDo(DecodeRecords(decode_settings)).with_outputs(ERRORS, main="examples"))
-    explained = (decoded.examples
-                 | "BatchImages" >> beam.BatchElements(min_batch_size=config.batch_size,
-                                                       max_batch_size=config.batch_size)
-                 | "SmoothGrad" >> beam.ParDo(ExplainBatches(explain_settings)).with_outputs(
-                     ERRORS, ACCOUNTING, main="rows"))
-    errors = (read_errors, decoded[ERRORS], explained[ERRORS]) | "AllErrors" >> beam.Flatten()
+    explained = decoded.examples | "SmoothGrad" >> RunInference(
+        SmoothGradModelHandler(explain_settings, config.batch_size, model_copies=config.model_copies))
+    rows = explained | "ToRows" >> beam.ParDo(ToRows(row_settings)).with_outputs(ERRORS, main="rows")
+    jit_used = explained | "JitUsed" >> beam.FlatMap(lambda result: [result.jit_used] if result.jit_used else [])
+    errors = (read_errors, decoded[ERRORS], rows[ERRORS]) | "AllErrors" >> beam.Flatten()
     if config.sanity_records:
         sanity = (decoded.examples
                   | "SanitySample" >> beam.combiners.Top.Of(
@@ -175,9 +198,9 @@ def build(pipeline: beam.Pipeline, config: Config, planned: dict, run_dir: str, 
                   | "SanityChecks" >> beam.Map(run_sanity_checks, explain_settings))
     else:
         sanity = pipeline | "NoSanityChecks" >> beam.Create([])
-    return ((records, explained.rows, errors, explained[ACCOUNTING], sanity)
+    return ((records, rows.rows, errors, jit_used, sanity)
             | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header, target.maps_per_record,
-                                                  config.num_shards, mask_columns=bool(config.mask_feature)))
+                                                  config.num_shards, mask_columns=mask_columns))
 
 
 def run(argv=None, save_main_session=True, test_pipeline=None):
@@ -208,8 +231,6 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
 
 
 def _log_summary(run_dir: str) -> None:
-    import json
-
     manifest_path = FileSystems.join(run_dir, corpus.MANIFEST)
     if not FileSystems.exists(manifest_path):  # e.g. a runner that returns before the job ends
         logger.warning("No manifest in %s yet: the run is not complete.", run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from pipelines.config import Config
 from tests import helpers
 from transforms.decode import DecodeSettings, Example, Failed, decode_batch, image_dimensions
-from transforms.preprocess import preprocess
+from transforms.preprocess import Preprocessing, preprocess
 from transforms.records import Record
 
 
@@ -23,9 +25,12 @@ def _encode(pixels: np.ndarray, image_format: str) -> bytes:
 
 
 def _decode(serialized: list[bytes], **settings) -> list:
+    """Decodes with the config's defaults, preprocess 'none', 8x8x3 inputs, and ``settings`` on top."""
     records = [Record("data/file.tfrecord", index, data) for index, data in enumerate(serialized)]
-    defaults = dict(image_size=(8, 8), channels=3, preprocess="none")
-    return decode_batch(records, DecodeSettings(**{**defaults, **settings}))
+    defaults = DecodeSettings.from_config(Config(), image_size=(8, 8), channels=3, num_classes=None)
+    settings.setdefault("preprocess", "none")
+    settings["preprocess"] = Preprocessing.parse(settings["preprocess"])
+    return decode_batch(records, dataclasses.replace(defaults, **settings))
 
 
 @pytest.mark.parametrize("image_format", ["PNG", "JPEG", "GIF", "BMP"])

@@ -279,9 +279,9 @@ def test_interrupted_run_is_cleaned_up(small):
 
 def test_a_retried_bundle_does_not_duplicate_rows(small, monkeypatch, tmp_path):
     """A bundle that fails after emitting rows is retried by the runner; only one attempt counts."""
-    from transforms.beam_steps import ExplainBatches
+    from transforms.rows import ToRows
 
-    original = ExplainBatches._row
+    original = ToRows._row
     failures = []
 
     def flaky_row(self, example, *args):
@@ -290,7 +290,7 @@ def test_a_retried_bundle_does_not_duplicate_rows(small, monkeypatch, tmp_path):
             raise ConnectionError("worker lost its connection (simulated)")
         return original(self, example, *args)
 
-    monkeypatch.setattr(ExplainBatches, "_row", flaky_row)
+    monkeypatch.setattr(ToRows, "_row", flaky_row)
     argv = ["--input", small["pattern"], "--output", str(tmp_path / "out"), "--model", small["model"],
             "--samples", "1", "--run_id", "retry", "--batch_size", "3",
             # Beam's bundle-based local runner retries failed bundles, as Dataflow does.

@@ -43,6 +43,14 @@ def _metric(result, name):
     return sum(item.committed for item in counters if item.key.metric.name == name)
 
 
+def _model_loads(result):
+    """Model loads, from RunInference's standard metric: one load-latency sample per load."""
+    distributions = result.metrics().query()["distributions"]
+    return sum(item.committed.count for item in distributions
+               if item.key.metric.name == "load_model_latency_milli_secs"
+               and item.key.metric.namespace == "smoothgrad_audit")
+
+
 def _engine_maps(dataset, keys, **engine_args):
     """The engine's maps for the given keys, on images decoded here independently."""
     import keras
@@ -90,8 +98,9 @@ def test_corpus_matches_engine_and_manifest(dataset):
                           .metadata[b"smoothgrad_audit"])
     assert metadata["run_id"] == "basic" and metadata["noise"] == 0.2
     # the model is loaded and compiled once in this single worker process
-    assert _metric(result, "model_loads") == 1
+    assert _model_loads(result) == 1
     assert _metric(result, "engine_compiles") == 1
+    assert _metric(result, "num_inferences") == 10  # RunInference's own count, in the project's namespace
     assert _metric(result, "records_explained") == 10
 
 
@@ -125,7 +134,20 @@ def test_two_worker_processes_give_the_same_corpus(dataset):
     assert one_sorted.column("key").to_pylist() == two_sorted.column("key").to_pylist()
     np.testing.assert_allclose(one_sorted.column("saliency").combine_chunks().to_numpy_ndarray(),
                                two_sorted.column("saliency").combine_chunks().to_numpy_ndarray(), rtol=1e-6)
-    assert 1 <= _metric(result, "model_loads") <= 2  # at most once per worker process
+    assert 1 <= _model_loads(result) <= 2  # at most once per worker process
+
+
+def test_model_copies_share_one_model_across_worker_processes(dataset):
+    _, _, single, _ = _run(dataset, "single-process")
+    result, manifest, shared, _ = _run(dataset, "shared-model", "--model_copies", "1", "--direct_num_workers", "2",
+                                       "--direct_running_mode", "multi_processing")
+    assert manifest["invariant_holds"] and manifest["records_explained"] == 10
+    assert manifest["config"]["model_copies"] == 1
+    single, shared = single.sort_by("key"), shared.sort_by("key")
+    assert single.column("key").to_pylist() == shared.column("key").to_pylist()
+    np.testing.assert_array_equal(single.column("saliency").combine_chunks().to_numpy_ndarray(),
+                                  shared.column("saliency").combine_chunks().to_numpy_ndarray())
+    assert _model_loads(result) == 1  # one model for the machine, not one per worker process
 
 
 def test_flags_override_config_file(dataset, tmp_path):

@@ -1,4 +1,9 @@
-"""Writing the corpus: sharded Parquet, the errors files, and ``_MANIFEST.json`` last (SPEC §5)."""
+"""Writing the corpus: sharded Parquet, the errors files, and ``_MANIFEST.json`` last.
+
+The manifest is written by one element after every shard is written (the
+shards' file names are its side inputs), to a temporary name then renamed, so a
+folder with a manifest always holds a complete run.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ MANIFEST = "_MANIFEST.json"
 
 
 def now_utc() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -34,15 +40,21 @@ def versions() -> dict:
             "pyarrow": pyarrow.__version__, "numpy": numpy.__version__}
 
 
-def summarise(counts: list, maps_per_record: int) -> dict:
-    """Totals and per-file figures from ``((kind, source_file), count)`` pairs."""
+def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
+    """Totals and per-file figures for the manifest.
+
+    Args:
+        counts: ``((kind, source_file), count)`` pairs; kind is ``record``,
+            ``explained``, ``rows`` or ``error:<stage>``.
+        maps_per_record: rows per explained record.
+        jit_used: the compilation modes the engines ran in.
+
+    Returns:
+        The manifest's count fields, the invariant check and per-file figures.
+    """
     per_file = collections.defaultdict(lambda: {"records_read": 0, "records_explained": 0, "rows_written": 0,
                                                 "errors": {stage: 0 for stage in corpus_schema.STAGES}})
-    jit_batches = collections.Counter()
     for (kind, source), count in counts:
-        if kind.startswith("jit:"):
-            jit_batches[kind[4:]] += count
-            continue
         entry = per_file[source]
         if kind.startswith("error:"):
             entry["errors"][kind[6:]] += count
@@ -70,7 +82,7 @@ def summarise(counts: list, maps_per_record: int) -> dict:
     totals["invariant_holds"] = (totals["records_read"] == totals["records_explained"] + totals["errors_total"]
                                  and totals["rows_written"] == totals["records_explained"] * maps_per_record
                                  and all(entry["invariant_holds"] for entry in per_file.values()))
-    totals["jit_used"] = sorted(jit_batches)
+    totals["jit_used"] = sorted(set(jit_used))
     totals["files"] = dict(sorted(per_file.items()))
     return totals
 
@@ -81,9 +93,9 @@ class _WriteManifest(beam.DoFn):
         self.header = header
         self.maps_per_record = maps_per_record
 
-    def process(self, _, counts, saliency_files, error_files, quality, sanity):
+    def process(self, _, counts, jit_used, saliency_files, error_files, quality, sanity):
         manifest = dict(self.header)
-        manifest.update(summarise(counts, self.maps_per_record))
+        manifest.update(summarise(counts, self.maps_per_record, jit_used))
         if quality is not None:
             mass, hits, scored = quality
             variant = self.header.get("smoothgrad", {}).get("variant", "smoothgrad")
@@ -134,8 +146,10 @@ class WriteCorpus(beam.PTransform):
         num_shards: saliency shards (0: runner decides).
         mask_columns: whether rows carry mass_in_mask / pointing_hit (manifest quality means).
 
-    The input is ``(records, rows, errors, accounting, sanity)``; ``sanity`` is a
-    PCollection of at most one dict of sanity-check figures for the manifest.
+    The input is ``(records, rows, errors, jit_used, sanity)``: the records
+    read, the saliency rows, the error rows, the compilation modes the engines
+    ran in (strings, repeats allowed) and at most one dict of sanity-check
+    figures for the manifest.
     """
 
     def __init__(self, run_dir: str, saliency_schema, header: dict, maps_per_record: int, num_shards: int = 0,
@@ -149,7 +163,7 @@ class WriteCorpus(beam.PTransform):
         self.num_shards = num_shards
 
     def expand(self, inputs):
-        records, rows, errors, accounting, sanity = inputs
+        records, rows, errors, jit_used, sanity = inputs
         saliency_schema = self.saliency_schema
         saliency_files = (
             rows
@@ -169,8 +183,7 @@ class WriteCorpus(beam.PTransform):
              errors | "CountErrors" >> beam.Map(lambda row: (f"error:{row['stage']}", row["source_file"])),
              rows | "CountRows" >> beam.Map(lambda row: ("rows", row["source_file"])),
              rows | "FirstRows" >> beam.Filter(lambda row: row["_first"])
-                  | "CountExplained" >> beam.Map(lambda row: ("explained", row["source_file"])),
-             accounting)
+                  | "CountExplained" >> beam.Map(lambda row: ("explained", row["source_file"])))
             | "AllCounts" >> beam.Flatten()
             | "Count" >> beam.combiners.Count.PerElement())
         quality = (rows | "QualityTotals" >> beam.CombineGlobally(_QualityTotals())) if self.mask_columns \
@@ -181,6 +194,7 @@ class WriteCorpus(beam.PTransform):
             | "WriteManifest" >> beam.ParDo(
                 _WriteManifest(self.run_dir, self.header, self.maps_per_record),
                 counts=beam.pvalue.AsList(counted),
+                jit_used=beam.pvalue.AsList(jit_used | "DistinctJit" >> beam.Distinct()),
                 saliency_files=beam.pvalue.AsList(saliency_files),
                 error_files=beam.pvalue.AsList(error_files),
                 quality=beam.pvalue.AsSingleton(quality),

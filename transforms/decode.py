@@ -1,4 +1,4 @@
-"""Decoding ``tf.train.Example`` records into model-ready images (SPEC §3, stage 2).
+"""Decoding ``tf.train.Example`` records into model-ready images, and the Beam step that does it.
 
 Records are parsed in batches with ``tf.io.parse_example``; when a batch fails
 (one malformed record poisons the whole call) its records are parsed one by
@@ -11,12 +11,14 @@ preprocessed with the configured mode.
 from __future__ import annotations
 
 import dataclasses
-import re
 import struct
 
+import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
 
-from transforms.preprocess import preprocess
+from transforms.errors import ERRORS, NAMESPACE, error_row, one_line
+from transforms.preprocess import Preprocessing
 from transforms.records import Record, record_key
 
 
@@ -26,21 +28,47 @@ class DecodeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
-    """How records become model inputs."""
+    """How records become model inputs.
+
+    The option fields carry the run config's values (see :meth:`from_config`);
+    ``image_size``, ``channels``, ``require_label`` and ``num_classes`` come
+    from the model and the target.
+    """
 
     image_size: tuple            # (H, W) of the model input
     channels: int                # C of the model input
-    image_feature: str | None = "image/encoded"
-    label_feature: str | None = "image/class/label"
-    id_feature: str | None = None
-    raw_feature: str | None = None
-    raw_shape: tuple | None = None
-    mask_feature: str | None = None
-    resize_method: str = "bilinear"
-    preprocess: str = "tf"
-    max_image_pixels: int = 40_000_000
-    require_label: bool = False
-    num_classes: int | None = None  # labels must be below it when they are the target
+    image_feature: str | None
+    label_feature: str | None
+    id_feature: str | None
+    raw_feature: str | None
+    raw_shape: tuple | None
+    mask_feature: str | None
+    resize_method: str
+    preprocess: Preprocessing
+    max_image_pixels: int
+    require_label: bool          # the target is the label: a record without one is an error
+    num_classes: int | None      # labels must be below it when they are the target
+
+    @classmethod
+    def from_config(cls, config, image_size: tuple, channels: int, num_classes: int | None) -> "DecodeSettings":
+        """Settings from a run config (any object with the option fields as attributes).
+
+        Args:
+            config: the parsed run configuration.
+            image_size: (H, W) of the model input.
+            channels: C of the model input.
+            num_classes: the model's class count.
+
+        Returns:
+            The decode settings.
+        """
+        derived = {"image_size": tuple(image_size), "channels": int(channels), "num_classes": num_classes,
+                   "require_label": config.target.mode == "label"}
+        options = {field.name: getattr(config, field.name) for field in dataclasses.fields(cls)
+                   if field.name not in derived}
+        options["raw_shape"] = tuple(options["raw_shape"]) if options["raw_shape"] else None
+        options["preprocess"] = Preprocessing.parse(options["preprocess"])
+        return cls(**options, **derived)
 
 
 @dataclasses.dataclass
@@ -63,15 +91,6 @@ class Failed:
     source_file: str
     record_index: int
     error: str
-
-
-def one_line(error: BaseException | str) -> str:
-    """An error as a single short line (TensorFlow's op suffixes and dumps removed)."""
-    text = error if isinstance(error, str) else (getattr(error, "message", None) or str(error))
-    text = re.sub(r"\s*\[Op:[^\]]*\]", "", text)
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
-    text = " ".join(text.split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _feature_spec(settings: DecodeSettings) -> dict:
@@ -233,7 +252,7 @@ def decode_example(record: Record, features: dict, settings: DecodeSettings) -> 
         pixels = _decode_pixels(data, f"'{settings.image_feature}'", settings.max_image_pixels)
         pixels = _match_channels(pixels, settings.channels)
         resized = np.clip(_resize(pixels, (height, width), settings.resize_method), 0.0, 255.0)
-        image = preprocess(resized, settings.preprocess)
+        image = settings.preprocess(resized)
     if not np.all(np.isfinite(image)):
         raise DecodeError("image holds NaN or Inf values")
     mask = None
@@ -262,3 +281,27 @@ def decode_batch(records: list[Record], settings: DecodeSettings) -> list[Exampl
         out.append(Failed(record_key(record.source_file, record.record_index), record.source_file,
                           record.record_index, message))
     return out
+
+
+# ------------------------------------------------------------------ Beam step
+class DecodeRecords(beam.DoFn):
+    """Batches of :class:`Record` → :class:`Example` (main output) and decode error rows (``errors``).
+
+    Args:
+        settings: how records become model inputs.
+    """
+
+    def __init__(self, settings: DecodeSettings):
+        self.settings = settings
+        self.decoded = Metrics.counter(NAMESPACE, "records_decoded")
+        self.failed = Metrics.counter(NAMESPACE, "errors_decode")
+
+    def process(self, records):
+        for item in decode_batch(list(records), self.settings):
+            if isinstance(item, Failed):
+                self.failed.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, error_row(item.key, item.source_file, item.record_index,
+                                                                  "decode", item.error))
+            else:
+                self.decoded.inc()
+                yield item

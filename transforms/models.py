@@ -1,4 +1,4 @@
-"""Loading the model to explain, from every source SPEC §6 names, never as code.
+"""Loading the model to explain, from every supported source, never as code.
 
 Sources: a ``.keras`` file (Keras safe mode on: Lambda layers and other code are
 refused unless the user opts out), a legacy ``.h5`` file, a TensorFlow
@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import tempfile
+
+from transforms.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +90,6 @@ def file_sha256(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text[:400] + ("..." if len(text) > 400 else "")
-
-
 def _load_application(name: str, weights):
     import keras
 
@@ -106,7 +103,7 @@ def _load_application(name: str, weights):
         return getattr(keras.applications, name)(weights=local_weights)
     except Exception as error:  # noqa: BLE001 - any Keras failure becomes one line
         raise ModelError(f"cannot build keras.applications:{name} with weights={weights!r}: "
-                         f"{_one_line(error)}") from None
+                         f"{one_line(error)}") from None
 
 
 def _load_saved_model(path: str):
@@ -165,7 +162,7 @@ def load_model(source: str, weights: str | None = None, safe_mode: bool = True):
     except ModelError:
         raise
     except Exception as error:  # noqa: BLE001 - Keras raises many kinds; each becomes one line
-        message = _one_line(error)
+        message = one_line(error)
         if safe_mode and ("safe_mode" in message or "Lambda" in message):
             raise ModelError(f"model {source!r} contains code (e.g. a Lambda layer) and safe mode refuses "
                              "to load it; pass --unsafe_model_loading only if you trust this file.") from None
@@ -176,7 +173,7 @@ def load_model(source: str, weights: str | None = None, safe_mode: bool = True):
         try:
             model.load_weights(_local_copy(weights))
         except Exception as error:  # noqa: BLE001
-            raise ModelError(f"cannot load weights {weights!r} into {source!r}: {_one_line(error)}") from None
+            raise ModelError(f"cannot load weights {weights!r} into {source!r}: {one_line(error)}") from None
     return model
 
 

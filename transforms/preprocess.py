@@ -1,7 +1,12 @@
-"""Named input preprocessing modes (SPEC §3): pixel values 0..255 to model input units."""
+"""Named input preprocessing modes: pixel values 0..255 to model input units.
+
+A mode is parsed once into a :class:`Preprocessing` (the config holds it);
+applying it never re-parses the name.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 
@@ -14,17 +19,47 @@ _CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 _KERAS_MODULE = re.compile(r"keras\.applications\.[a-z_][a-z0-9_]*")
 
 
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """A parsed preprocessing mode.
+
+    Attributes:
+        mode: one of ``tf``, ``torch``, ``caffe``, ``unit``, ``none``, or
+            ``keras.applications.<module>`` (that module's ``preprocess_input``).
+
+    Example:
+        >>> Preprocessing.parse("tf")(np.full((1, 1, 3), 255.0, np.float32))[0, 0]
+        array([1., 1., 1.], dtype=float32)
+    """
+
+    mode: str
+
+    @classmethod
+    def parse(cls, text) -> "Preprocessing":
+        """Checks ``text`` names a known mode; raises ``ValueError`` (one line) otherwise."""
+        if isinstance(text, Preprocessing):
+            return text
+        if text in PREPROCESS_MODES:
+            return cls(text)
+        if isinstance(text, str) and _KERAS_MODULE.fullmatch(text):
+            module = _keras_module(text)
+            if module is None or not callable(getattr(module, "preprocess_input", None)):
+                raise ValueError(f"{text!r} has no preprocess_input; use a module of keras.applications "
+                                 "such as keras.applications.xception.")
+            return cls(text)
+        raise ValueError(f"expected one of {PREPROCESS_MODES} or keras.applications.<module>; got {text!r}.")
+
+    def __str__(self) -> str:
+        return self.mode
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """Applies the mode to RGB pixel values in [0, 255] (float32 ``[..., H, W, C]``)."""
+        return preprocess(pixels, self.mode)
+
+
 def check_preprocess(mode: str) -> None:
     """Raises ValueError unless ``mode`` names a known preprocessing."""
-    if mode in PREPROCESS_MODES:
-        return
-    if _KERAS_MODULE.fullmatch(mode or ""):
-        module = _keras_module(mode)
-        if module is None or not callable(getattr(module, "preprocess_input", None)):
-            raise ValueError(f"{mode!r} has no preprocess_input; use a module of keras.applications "
-                             "such as keras.applications.xception.")
-        return
-    raise ValueError(f"expected one of {PREPROCESS_MODES} or keras.applications.<module>; got {mode!r}.")
+    Preprocessing.parse(mode)
 
 
 def _keras_module(mode: str):
@@ -67,5 +102,7 @@ def preprocess(pixels: np.ndarray, mode: str) -> np.ndarray:
         if channels != 3:
             raise ValueError(f"preprocess 'caffe' needs 3 channels; got {channels}.")
         return pixels[..., ::-1] - _CAFFE_MEAN_BGR
-    check_preprocess(mode)
-    return np.asarray(_keras_module(mode).preprocess_input(pixels.copy()), np.float32)
+    module = _keras_module(mode) if _KERAS_MODULE.fullmatch(mode or "") else None
+    if module is None or not callable(getattr(module, "preprocess_input", None)):
+        Preprocessing.parse(mode)  # raises the one-line error
+    return np.asarray(module.preprocess_input(pixels.copy()), np.float32)

@@ -1,5 +1,8 @@
 """Reading TFRecord files record by record, keeping everything before any damage.
 
+This module holds both the reader (:func:`read_records`, plain Python) and the
+Beam step built on it (:class:`ReadTFRecords`).
+
 Beam's ``ReadFromTFRecord`` fails the whole job on one corrupt record (with a
 hex dump of it). This reader checks the same framing and CRCs but turns damage
 into error entries: a record whose data CRC fails is reported and skipped (its
@@ -14,7 +17,14 @@ import dataclasses
 import os
 import struct
 
+import apache_beam as beam
 import google_crc32c
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.errors import ERRORS, NAMESPACE, error_row
 
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
@@ -95,3 +105,67 @@ def record_key(source_file: str, record_index: int | None) -> str:
     """The default key: ``<file name>:<record index>`` (just the file name for whole-file errors)."""
     name = os.path.basename(source_file.rstrip("/"))
     return name if record_index is None else f"{name}:{record_index}"
+
+
+# ------------------------------------------------------------------ Beam step
+class _ReadFile(beam.DoFn):
+    """Reads one TFRecord file; damage becomes error rows, never a failed job."""
+
+    def __init__(self):
+        self.records_read = Metrics.counter(NAMESPACE, "records_read")
+        self.read_errors = Metrics.counter(NAMESPACE, "errors_read")
+
+    def process(self, metadata):
+        path = metadata.path
+        try:
+            handle = FileSystems.open(path, compression_type=CompressionTypes.AUTO)
+        except Exception as error:  # noqa: BLE001 - an unreadable file is one error row
+            self.read_errors.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, error_row(record_key(path, None), path, None, "read",
+                                                              f"cannot open file: {error}"))
+            return
+        with handle:
+            try:
+                for item in read_records(handle, path):
+                    if isinstance(item, Record):
+                        self.records_read.inc()
+                        yield item
+                    else:
+                        self.read_errors.inc()
+                        yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+                            record_key(item.source_file, item.record_index), item.source_file,
+                            item.record_index, "read", item.error))
+            except Exception as error:  # noqa: BLE001 - e.g. a bad gzip stream
+                self.read_errors.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, error_row(record_key(path, None), path, None, "read",
+                                                                  f"{type(error).__name__}: {error}"))
+
+
+class ReadTFRecords(beam.PTransform):
+    """File patterns → :class:`Record` items (main output) and read error rows (``errors``).
+
+    Files are reshuffled before reading and records after, so a few large files
+    still spread over all workers.
+
+    Args:
+        patterns: file patterns (local or ``gs://``, globs allowed).
+
+    Returns (from ``expand``):
+        ``(records, errors)``: two PCollections.
+
+    Example:
+        >>> records, errors = pipeline | "ReadRecords" >> ReadTFRecords(["data/*.tfrecord"])
+    """
+
+    def __init__(self, patterns: list[str]):
+        super().__init__()
+        self.patterns = list(patterns)
+
+    def expand(self, pipeline):
+        files = (pipeline
+                 | "Patterns" >> beam.Create(self.patterns)
+                 | "MatchFiles" >> fileio.MatchAll()
+                 | "SpreadFiles" >> beam.Reshuffle())
+        read = files | "ReadFiles" >> beam.ParDo(_ReadFile()).with_outputs(ERRORS, main="records")
+        records = read.records | "SpreadRecords" >> beam.Reshuffle()
+        return records, read[ERRORS]

@@ -9,15 +9,18 @@
   from each, and measure their rank correlation. Near 1 means N was large
   enough for the maps to have settled; low values mean more samples are needed.
 
-Both work on any Keras model the engine accepts and on numpy arrays, without Beam.
+Both work on any Keras model the engine accepts and on numpy arrays, without Beam;
+:func:`run_sanity_checks` runs both for the pipeline on a sample of decoded examples.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
+from transforms.errors import one_line
 from transforms.smoothgrad import SmoothGrad
 
 logger = logging.getLogger(__name__)
@@ -110,3 +113,47 @@ def randomisation(model, images: np.ndarray, keys: list[str], steps: int = 4, se
                         "rank_correlation": _mean_correlation(reference.maps if reference.maps.ndim == randomised.maps.ndim
                                                               else reference.maps[:, 0], randomised.maps)})
     return {"layers_total": len(layers), "cascade": cascade}
+
+
+def run_sanity_checks(examples, settings) -> dict:
+    """Both checks on a sample of decoded examples, for the manifest; a failing check is reported, never raised.
+
+    Args:
+        examples: decoded examples (``key`` and ``image`` used), any order.
+        settings: an :class:`transforms.explain.ExplainSettings` (model source and engine options).
+
+    Returns:
+        ``{"records", "keys", "convergence", "randomisation", "seconds"}``, or
+        ``{"records": 0}`` without examples.
+    """
+    import tensorflow as tf
+
+    from transforms.models import load_model
+
+    examples = sorted(examples, key=lambda example: example.key)
+    if not examples:
+        return {"records": 0}
+    model = load_model(settings.model, settings.weights, safe_mode=settings.safe_mode)
+    images = np.stack([example.image for example in examples])
+    keys = [example.key for example in examples]
+    engine_args = dict(settings.engine)
+    if str(engine_args.get("target")) == "label":
+        engine_args["target"] = "top1"  # the checks compare maps of one fixed class per image
+    if not tf.config.list_logical_devices("GPU"):
+        engine_args["jit"] = "graph"  # each cascade step is a new model: XLA compiles cost more than they save
+    started = time.time()
+    figures = {"records": len(keys), "keys": keys}
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)  # each randomised model is a new function: retracing is expected
+    try:
+        for name, check in (("convergence", convergence), ("randomisation", randomisation)):
+            try:
+                figures[name] = check(model, images, keys, **engine_args)
+            except Exception as error:  # noqa: BLE001 - a failed check is reported, never fatal
+                logger.warning("Sanity check %s failed: %s", name, error)
+                figures[name] = {"error": one_line(f"{type(error).__name__}: {error}")}
+    finally:
+        tf_logger.setLevel(level)
+    figures["seconds"] = round(time.time() - started, 1)
+    return figures

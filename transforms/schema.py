@@ -1,4 +1,4 @@
-"""The Parquet schema of the corpus and of the errors files: defined here only (SPEC §5)."""
+"""The Parquet schema of the corpus and of the errors files: defined here only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 
 STAGES = ("read", "decode", "explain")
 METADATA_KEY = b"smoothgrad_audit"
-# A writer buffers one row group; keep it under this many bytes (SPEC §5).
+# A writer buffers one row group; keep it under this many bytes.
 ROW_GROUP_BYTES = 64 << 20
 
 

@@ -1,0 +1,229 @@
+"""The explain stage: Beam's ``RunInference`` with a SmoothGrad ``ModelHandler``.
+
+:class:`SmoothGradModelHandler` tells ``RunInference`` how to load the
+per-worker engine (:class:`WorkerEngine`: the Keras model and its compiled
+SmoothGrad function) and how to run it on a batch of decoded examples.
+``RunInference`` brings the rest: batching to the fixed batch size, one model
+per process (``shared.Shared``) or, with ``model_copies``, N models per machine
+shared by all its SDK processes, and the standard inference metrics
+(``num_inferences``, ``inference_batch_latency_micro_secs``,
+``load_model_latency_milli_secs``, ...) in the project's metrics namespace.
+
+With model sharing the handler's "model" is a proxy to an object in another
+process: only public methods can be called, and their arguments and results are
+pickled. So the whole SmoothGrad call happens inside :meth:`WorkerEngine.explain`,
+numpy in and numpy out.
+
+Each input example yields exactly one :class:`Explained` result: its maps, or
+the one-line reason it could not be explained. A batch that fails is retried
+record by record, so only the records at fault fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms.decode import Example
+from transforms.errors import NAMESPACE, one_line
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainSettings:
+    """What a worker needs to load its model and build its engine.
+
+    Attributes:
+        model: the model source (a file, a SavedModel folder or ``keras.applications:<Name>``).
+        weights: weights for the model source, or None.
+        safe_mode: Keras safe mode for ``.keras`` files.
+        engine: keyword arguments of :class:`transforms.smoothgrad.SmoothGrad`.
+    """
+
+    model: str
+    weights: str | None
+    safe_mode: bool
+    engine: dict
+
+    def tag(self) -> str:
+        """A short hash of the settings, to tell engines apart in logs and caches."""
+        text = json.dumps([self.model, self.weights, self.safe_mode, self.engine], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class EngineOutput:
+    """What one :meth:`WorkerEngine.explain` call returns (numpy arrays; picklable).
+
+    The array fields are those of :class:`transforms.smoothgrad.SmoothGradResult`
+    with a class axis always present (``maps`` ``[B, K, ...]``, ``targets``,
+    ``target_ranks`` and ``scores`` ``[B, K]``; K = 1 unless the target is topk).
+
+    Attributes:
+        jit_used: the compilation mode the engine ran in (``xla`` or ``graph``).
+        new_compiles: times the engine's function was traced since the previous
+            output of this engine (so that summing them counts every compile once).
+    """
+
+    maps: np.ndarray
+    targets: np.ndarray
+    target_ranks: np.ndarray
+    scores: np.ndarray
+    predicted: np.ndarray
+    noise_sigma: np.ndarray
+    jit_used: str
+    new_compiles: int
+
+
+class WorkerEngine:
+    """The per-worker model and compiled SmoothGrad function (what ``load_model`` returns).
+
+    Args:
+        settings: the model source and the engine's options.
+
+    Example:
+        >>> engine = WorkerEngine(settings)
+        >>> output = engine.explain(images, ["a", "b"])
+        >>> output.maps.shape          # [2, 1, H, W]
+    """
+
+    def __init__(self, settings: ExplainSettings):
+        from transforms.models import load_model
+        from transforms.smoothgrad import SmoothGrad
+
+        started = time.time()
+        self._model = load_model(settings.model, settings.weights, safe_mode=settings.safe_mode)
+        self._engine = SmoothGrad(self._model, **settings.engine)
+        self._lock = threading.Lock()  # threads of one process (or callers of a shared proxy) take turns
+        self._compiles_reported = 0
+        logger.info("Loaded %s and built SmoothGrad (jit=%s) in %.1f s.", settings.model,
+                    self._engine.jit_used, time.time() - started)
+
+    def explain(self, images: np.ndarray, keys: Sequence[str], targets: np.ndarray | None = None) -> EngineOutput:
+        """Explains one batch.
+
+        Args:
+            images: float32 ``[B, H, W, C]``, preprocessed.
+            keys: one key per image (the noise depends on it).
+            targets: the classes to explain, ``[B]`` ints, for ``target="label"``.
+
+        Returns:
+            An :class:`EngineOutput`.
+        """
+        with self._lock:
+            result = self._engine(images, list(keys), targets)
+            new_compiles = self._engine.compile_count - self._compiles_reported
+            self._compiles_reported = self._engine.compile_count
+            topk = self._engine.target.mode == "topk"
+
+            def with_class_axis(values):
+                return values if topk else values[:, None]
+
+            return EngineOutput(
+                maps=with_class_axis(result.maps), targets=with_class_axis(result.targets),
+                target_ranks=with_class_axis(result.target_ranks), scores=with_class_axis(result.scores),
+                predicted=result.predicted, noise_sigma=result.noise_sigma,
+                jit_used=self._engine.jit_used, new_compiles=new_compiles)
+
+
+@dataclasses.dataclass
+class Explained:
+    """The result for one example: its maps, or why it has none.
+
+    Attributes:
+        example: the decoded example.
+        maps: ``[K, H, W]`` (``[K, H, W, C]`` with ``reduce: none``), float32; None on failure.
+        targets, target_ranks, scores: ``[K]`` each; None on failure.
+        predicted: the clean top-1 class; None on failure.
+        noise_sigma: the σ used; None on failure.
+        jit_used: the engine's compilation mode; None when the engine did not run.
+        error: the one-line reason of a failure, else None.
+    """
+
+    example: Example
+    maps: np.ndarray | None = None
+    targets: np.ndarray | None = None
+    target_ranks: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    predicted: int | None = None
+    noise_sigma: float | None = None
+    jit_used: str | None = None
+    error: str | None = None
+
+
+class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
+    """RunInference's handler for SmoothGrad: decoded examples in, :class:`Explained` out.
+
+    Args:
+        settings: the model source and the engine's options.
+        batch_size: the fixed batch size the engine is compiled for; batches
+            are formed at exactly this size (the engine pads short ones).
+        model_copies: None for one model per worker process; N for N models
+            per machine, shared by all its SDK processes.
+
+    Example:
+        >>> results = examples | "SmoothGrad" >> RunInference(SmoothGradModelHandler(settings, 8))
+    """
+
+    def __init__(self, settings: ExplainSettings, batch_size: int, model_copies: int | None = None):
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size, model_copies=model_copies)
+        self.settings = settings
+        self.compiles = Metrics.counter(NAMESPACE, "engine_compiles")
+
+    def load_model(self) -> WorkerEngine:
+        """Loads the model and builds its engine (once per process, or once per shared copy)."""
+        return WorkerEngine(self.settings)
+
+    def get_metrics_namespace(self) -> str:
+        """RunInference's metrics go into the project's namespace."""
+        return NAMESPACE
+
+    def get_num_bytes(self, batch: Sequence[Example]) -> int:
+        """The batch's size from its arrays (Beam's default pickles the whole batch)."""
+        return sum(example.image.nbytes + (example.mask.nbytes if example.mask is not None else 0)
+                   for example in batch)
+
+    def run_inference(self, batch: Sequence[Example], model: Any,
+                      inference_args: dict | None = None) -> Iterable[Explained]:
+        """Explains a batch; yields one :class:`Explained` per example.
+
+        A failing batch is retried one example at a time, so that only the
+        examples at fault become failures.
+        """
+        batch = list(batch)
+        try:
+            return self._explain(model, batch)
+        except Exception as error:  # noqa: BLE001 - a failing batch must not kill the run
+            logger.warning("SmoothGrad failed on a batch of %d (%s); retrying its records one by one.",
+                           len(batch), one_line(error))
+        results = []
+        for example in batch:
+            try:
+                results += self._explain(model, [example])
+            except Exception as error:  # noqa: BLE001
+                results.append(Explained(example, error=f"SmoothGrad failed: {type(error).__name__}: "
+                                                        f"{one_line(error)}"))
+        return results
+
+    def _explain(self, model, batch: list[Example]) -> list[Explained]:
+        targets = None
+        if str(self.settings.engine.get("target", "top1")) == "label":
+            targets = np.array([example.label for example in batch], np.int64)
+        output = model.explain(np.stack([example.image for example in batch]),
+                               [example.key for example in batch], targets)
+        self.compiles.inc(output.new_compiles)
+        return [Explained(example, maps=output.maps[position], targets=output.targets[position],
+                          target_ranks=output.target_ranks[position], scores=output.scores[position],
+                          predicted=int(output.predicted[position]),
+                          noise_sigma=float(output.noise_sigma[position]), jit_used=output.jit_used)
+                for position, example in enumerate(batch)]

@@ -1,0 +1,88 @@
+"""Explained examples → rows of the corpus: saliency rows, or error rows for the maps that cannot be stored.
+
+The raw full-resolution map is checked (finite, within the storage dtype's
+range), scored against the object mask when there is one, then down-sampled,
+normalised and cast to the storage dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from transforms import postprocess
+from transforms.errors import ERRORS, NAMESPACE, error_row
+from transforms.explain import Explained
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """How maps are stored.
+
+    Attributes:
+        dtype: ``float16`` or ``float32``.
+        normalize: the per-map normalisation.
+        downsample: the integer average-pooling factor (1: full resolution).
+        mask_columns: whether rows carry ``mass_in_mask`` and ``pointing_hit``.
+    """
+
+    dtype: str
+    normalize: postprocess.Normalization
+    downsample: int
+    mask_columns: bool
+
+
+class ToRows(beam.DoFn):
+    """:class:`Explained` → saliency rows (main output, K per example) or one error row (``errors``).
+
+    Each saliency row carries a private ``_first`` field, true on the first row
+    of its example, by which the manifest counts explained records.
+
+    Args:
+        settings: how maps are stored.
+    """
+
+    def __init__(self, settings: RowSettings):
+        self.settings = settings
+        self.explained = Metrics.counter(NAMESPACE, "records_explained")
+        self.failed = Metrics.counter(NAMESPACE, "errors_explain")
+
+    def process(self, explained: Explained):
+        example = explained.example
+        problem = explained.error or self._check(explained.maps)
+        if problem:
+            self.failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, error_row(example.key, example.source_file,
+                                                              example.record_index, "explain", problem))
+            return
+        self.explained.inc()
+        for rank in range(explained.maps.shape[0]):
+            yield self._row(example, explained, rank, explained.maps[rank])
+
+    def _check(self, maps: np.ndarray) -> str | None:
+        if not np.all(np.isfinite(maps)):
+            return "saliency map has NaN or Inf values (non-finite gradients)"
+        if self.settings.dtype == "float16" and self.settings.normalize.kind == "none" \
+                and float(np.max(np.abs(maps))) >= np.finfo(np.float16).max:
+            return "saliency values exceed the float16 range; use dtype float32 or a normalize option"
+        return None
+
+    def _row(self, example, explained: Explained, rank: int, saliency: np.ndarray) -> dict:
+        row = {
+            "key": example.key, "source_file": example.source_file, "record_index": example.record_index,
+            "label": example.label, "target": int(explained.targets[rank]),
+            "target_rank": int(explained.target_ranks[rank]), "score": float(explained.scores[rank]),
+            "predicted": explained.predicted, "noise_sigma": explained.noise_sigma,
+            "_first": rank == 0,
+        }
+        if self.settings.mask_columns:
+            inside, hit = (postprocess.mask_figures(saliency, example.mask)
+                           if example.mask is not None else (None, None))
+            row["mass_in_mask"], row["pointing_hit"] = inside, hit
+        stored = self.settings.normalize(postprocess.downsample(saliency, self.settings.downsample))
+        row["height"], row["width"] = int(stored.shape[0]), int(stored.shape[1])
+        row["saliency"] = stored.astype(np.float16 if self.settings.dtype == "float16" else np.float32)
+        return row
