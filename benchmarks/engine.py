@@ -1,4 +1,4 @@
-"""Throughput of the bare SmoothGrad engine against this machine's ceiling (SPEC §8).
+"""Throughput of the bare SmoothGrad engine against this machine's ceiling.
 
 For each model and ``jit`` mode, in one process: the forward FLOPs of the model,
 the time of the first call (trace + compile + one run) and of ``repeats`` timed

@@ -1,4 +1,4 @@
-"""Bad input and faults (SPEC §7): clear one-line errors, exact accounting, nothing lost."""
+"""Bad input and faults: clear one-line errors, exact accounting, nothing lost."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _bytes_feature(value):
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
-    """One dataset holding every data fault of issue 4, and the expected fate of each record."""
+    """One dataset holding every kind of data fault, and the expected fate of each record."""
     folder = tmp_path_factory.mktemp("faults")
     data = folder / "data"
     data.mkdir()

@@ -1,4 +1,4 @@
-"""Model sources of SPEC §6: .keras (safe mode), .h5, SavedModel, keras.applications."""
+"""Every model source: .keras (safe mode), .h5, SavedModel, keras.applications."""
 
 from __future__ import annotations
 

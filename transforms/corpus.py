@@ -163,6 +163,7 @@ class WriteCorpus(beam.PTransform):
         self.num_shards = num_shards
 
     def expand(self, inputs):
+        """Adds the write steps; returns the PCollection of the manifest's path."""
         records, rows, errors, jit_used, sanity = inputs
         saliency_schema = self.saliency_schema
         saliency_files = (

@@ -297,6 +297,7 @@ class DecodeRecords(beam.DoFn):
         self.failed = Metrics.counter(NAMESPACE, "errors_decode")
 
     def process(self, records):
+        """Decodes one batch of records."""
         for item in decode_batch(list(records), self.settings):
             if isinstance(item, Failed):
                 self.failed.inc()

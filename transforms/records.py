@@ -162,6 +162,7 @@ class ReadTFRecords(beam.PTransform):
         self.patterns = list(patterns)
 
     def expand(self, pipeline):
+        """Adds the read steps; returns ``(records, errors)``."""
         files = (pipeline
                  | "Patterns" >> beam.Create(self.patterns)
                  | "MatchFiles" >> fileio.MatchAll()

@@ -51,6 +51,7 @@ class ToRows(beam.DoFn):
         self.failed = Metrics.counter(NAMESPACE, "errors_explain")
 
     def process(self, explained: Explained):
+        """Rows of one explained example, or its error row."""
         example = explained.example
         problem = explained.error or self._check(explained.maps)
         if problem:

@@ -209,6 +209,16 @@ class SmoothGrad:
 
     # ------------------------------------------------------------------ call
     def __call__(self, images, keys: Sequence[str], targets=None) -> SmoothGradResult:
+        """Explains a batch of any size (split into, and padded to, the compiled batch).
+
+        Args:
+            images: float32 ``[B, H, W, C]``, preprocessed.
+            keys: one string key per image; the noise depends on (seed, key, sample).
+            targets: ``[B]`` (or ``[B, 1]``) classes, required for ``target="label"``.
+
+        Returns:
+            A :class:`SmoothGradResult` of numpy arrays.
+        """
         images = self._check_images(images)
         keys = [str(key) for key in keys]
         if len(keys) != images.shape[0]:

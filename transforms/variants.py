@@ -135,6 +135,7 @@ class SmoothGradAccumulator(_MeanAccumulator):
     name = "smoothgrad"
 
     def per_sample(self, grads):
+        """The channel-reduced |gradient| of each sample."""
         return reduce_magnitude(grads, self.reduce)
 
 
@@ -144,6 +145,7 @@ class SmoothGradSquaredAccumulator(_MeanAccumulator):
     name = "smoothgrad_squared"
 
     def per_sample(self, grads):
+        """The channel-reduced squared gradient of each sample."""
         return reduce_magnitude(tf.square(grads), self.reduce)
 
 
@@ -154,9 +156,11 @@ class SignedAccumulator(_MeanAccumulator):
     reduce_after_mean = True
 
     def per_sample(self, grads):
+        """The signed gradient, channels kept."""
         return grads
 
     def from_mean(self, mean, images):
+        """The mean gradient's channels reduced with their sign."""
         return reduce_signed(mean, self.reduce)
 
 
@@ -167,9 +171,11 @@ class GradXInputAccumulator(_MeanAccumulator):
     reduce_after_mean = True
 
     def per_sample(self, grads):
+        """The signed gradient, channels kept."""
         return grads
 
     def from_mean(self, mean, images):
+        """Clean input times the mean gradient, channels reduced with their sign."""
         return reduce_signed(images[:, None] * mean, self.reduce)
 
 
@@ -185,10 +191,12 @@ class VarGradAccumulator(Accumulator):
     name = "vargrad"
 
     def start(self, batch, k, height, width, channels):
+        """``(count 0, mean 0, m2 0)``, channels kept."""
         zeros = tf.zeros([batch, k, height, width, channels])
         return (tf.constant(0.0), zeros, zeros)
 
     def add(self, state, grads, weights):
+        """Merges the chunk's count, mean and m2 into the running ones (Chan et al.)."""
         count, mean, m2 = state
         chunk_count = tf.reduce_sum(weights)
         w = _sample_weights(weights, grads.shape.rank)
@@ -201,6 +209,7 @@ class VarGradAccumulator(Accumulator):
         return (total, mean, m2)
 
     def finish(self, state, images, samples):
+        """The population variance m2 / count, channel-reduced as a magnitude."""
         count, _, m2 = state
         return reduce_magnitude(m2 / count, self.reduce)
 
