@@ -65,22 +65,17 @@ class ExplainSettings:
 class EngineOutput:
     """What one :meth:`WorkerEngine.explain` call returns (numpy arrays; picklable).
 
-    The array fields are those of :class:`transforms.smoothgrad.SmoothGradResult`
-    with a class axis always present (``maps`` ``[B, K, ...]``, ``targets``,
-    ``target_ranks`` and ``scores`` ``[B, K]``; K = 1 unless the target is topk).
-
     Attributes:
+        result: the engine's :class:`~transforms.smoothgrad.SmoothGradResult`,
+            with a class axis always present (``maps`` ``[B, K, ...]``;
+            ``targets``, ``target_ranks`` and ``scores`` ``[B, K]``; K = 1
+            unless the target is topk).
         jit_used: the compilation mode the engine ran in (``xla`` or ``graph``).
         new_compiles: times the engine's function was traced since the previous
             output of this engine (so that summing them counts every compile once).
     """
 
-    maps: np.ndarray
-    targets: np.ndarray
-    target_ranks: np.ndarray
-    scores: np.ndarray
-    predicted: np.ndarray
-    noise_sigma: np.ndarray
+    result: Any
     jit_used: str
     new_compiles: int
 
@@ -124,16 +119,11 @@ class WorkerEngine:
             result = self._engine(images, list(keys), targets)
             new_compiles = self._engine.compile_count - self._compiles_reported
             self._compiles_reported = self._engine.compile_count
-            topk = self._engine.target.mode == "topk"
-
-            def with_class_axis(values):
-                return values if topk else values[:, None]
-
-            return EngineOutput(
-                maps=with_class_axis(result.maps), targets=with_class_axis(result.targets),
-                target_ranks=with_class_axis(result.target_ranks), scores=with_class_axis(result.scores),
-                predicted=result.predicted, noise_sigma=result.noise_sigma,
-                jit_used=self._engine.jit_used, new_compiles=new_compiles)
+            if self._engine.target.mode != "topk":  # one class per image: add its axis
+                result = dataclasses.replace(result, maps=result.maps[:, None], targets=result.targets[:, None],
+                                             target_ranks=result.target_ranks[:, None],
+                                             scores=result.scores[:, None])
+            return EngineOutput(result=result, jit_used=self._engine.jit_used, new_compiles=new_compiles)
 
 
 @dataclasses.dataclass
@@ -222,8 +212,9 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
         output = model.explain(np.stack([example.image for example in batch]),
                                [example.key for example in batch], targets)
         self.compiles.inc(output.new_compiles)
-        return [Explained(example, maps=output.maps[position], targets=output.targets[position],
-                          target_ranks=output.target_ranks[position], scores=output.scores[position],
-                          predicted=int(output.predicted[position]),
-                          noise_sigma=float(output.noise_sigma[position]), jit_used=output.jit_used)
+        result = output.result
+        return [Explained(example, maps=result.maps[position], targets=result.targets[position],
+                          target_ranks=result.target_ranks[position], scores=result.scores[position],
+                          predicted=int(result.predicted[position]),
+                          noise_sigma=float(result.noise_sigma[position]), jit_used=output.jit_used)
                 for position, example in enumerate(batch)]

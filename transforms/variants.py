@@ -164,15 +164,10 @@ class SignedAccumulator(_MeanAccumulator):
         return reduce_signed(mean, self.reduce)
 
 
-class GradXInputAccumulator(_MeanAccumulator):
+class GradXInputAccumulator(SignedAccumulator):
     """``grad_x_input``: the clean input times the mean signed gradient, reduced with its sign."""
 
     name = "grad_x_input"
-    reduce_after_mean = True
-
-    def per_sample(self, grads):
-        """The signed gradient, channels kept."""
-        return grads
 
     def from_mean(self, mean, images):
         """Clean input times the mean gradient, channels reduced with their sign."""
