@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from pipelines import demo
+from pipelines import demo, demo_drawing
 
 # Rasterisation rounds the designed 3-8% area share a little either way.
 AREA_SHARE_BOUNDS = (0.025, 0.09)
@@ -82,8 +82,8 @@ def test_every_class_is_drawn_and_the_shapes_of_two_classes_differ():
 
     assert sorted(set(labels)) == list(range(len(demo.CLASS_NAMES)))
     # Same centre, size and angle: two different classes cover different pixels.
-    rows, cols = demo._pixel_grid(64)
-    masks = [demo._shape_mask(label, (32, 32), 10.0, 0.3, rows, cols) for label in range(len(demo.CLASS_NAMES))]
+    rows, cols = demo_drawing._pixel_grid(64)
+    masks = [demo_drawing._shape_mask(label, (32, 32), 10.0, 0.3, rows, cols) for label in range(len(demo.CLASS_NAMES))]
     for first in range(len(masks)):
         for second in range(first + 1, len(masks)):
             assert not np.array_equal(masks[first], masks[second])
