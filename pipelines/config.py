@@ -20,7 +20,7 @@ import yaml
 
 from transforms.postprocess import Normalization
 from transforms.preprocess import PREPROCESS_MODES, Preprocessing
-from transforms.smoothgrad import JIT_MODES, NOISE_MODES, REDUCTIONS, VARIANTS, Target
+from transforms.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, REDUCTIONS, VARIANTS, Target
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._=-]+")
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
@@ -189,10 +189,14 @@ class Config:
                             _parsed(Target.parse, "top1, label, class:K or topk:K (K a whole number)"))
     logits: bool = _field(True, "Explain pre-softmax/sigmoid scores (true) or the outputs as they are.", _as_bool)
     batch_size: int = _field(8, "Images per compiled SmoothGrad step (the last batch is padded).", _whole(1))
-    chunk: int = _field(None, "Noisy samples per image processed at once (memory bound); "
-                              "default about 32 noisy images per step.", _whole(1))
+    chunk: int = _field(None, "Noisy samples per image processed at once (memory bound); default: the "
+                              "fewest chunks of at most ~32 noisy images per step, as small as covers samples. "
+                              "A chunk that does not divide samples is followed by a smaller remainder: "
+                              "exactly samples gradients are computed.", _whole(1))
     jit: str = _field("auto", f"One of {JIT_MODES}: XLA, plain TF graph, or chosen by device and model.",
                       _one_of(JIT_MODES))
+    precision: str = _field("float32", f"Model compute dtype, one of {PRECISIONS} (a mixed-precision clone "
+                                       "of the model; noise, sums and maps stay float32).", _one_of(PRECISIONS))
     seed: int = _field(0, "Global noise seed; an example's noise depends on (seed, key, sample).", _whole())
     dtype: str = _field("float32", f"Stored saliency dtype, one of {DTYPES} (float16 halves storage; "
                                    "raw maps outside its range become errors).", _one_of(DTYPES))

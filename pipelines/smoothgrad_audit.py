@@ -139,7 +139,7 @@ def plan(config: Config) -> Plan:
     engine_args = dict(samples=config.samples, noise=config.noise, noise_mode=config.noise_mode,
                        variant=config.variant, reduce=config.reduce, target=config.target,
                        batch_size=config.batch_size, chunk=config.chunk, jit=config.jit, seed=config.seed,
-                       logits=config.logits)
+                       logits=config.logits, precision=config.precision)
     try:
         engine = SmoothGrad(model, **engine_args)
     except ValueError as error:

@@ -178,3 +178,16 @@ def test_completed_run_is_not_overwritten_without_flag(dataset):
         _run(dataset, "again")
     _, manifest, _, _ = _run(dataset, "again", "--overwrite")
     assert manifest["invariant_holds"]
+
+
+def test_precision_is_recorded_in_the_manifest_and_parquet_metadata(dataset):
+    _, manifest, table, _ = _run(dataset, "bf16", "--precision", "bfloat16")
+    _, reference_manifest, reference, _ = _run(dataset, "f32-reference")
+    assert manifest["smoothgrad"]["precision"] == "bfloat16" and manifest["config"]["precision"] == "bfloat16"
+    assert reference_manifest["smoothgrad"]["precision"] == "float32"
+    metadata = json.loads(table.schema.metadata[b"smoothgrad_audit"])
+    assert metadata["precision"] == "bfloat16"
+    bf16 = table.sort_by("key").column("saliency").combine_chunks().to_numpy_ndarray()
+    f32 = reference.sort_by("key").column("saliency").combine_chunks().to_numpy_ndarray()
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, f32)
+    assert np.corrcoef(bf16.ravel(), f32.ravel())[0, 1] > 0.9

@@ -46,13 +46,14 @@ import keras
 from transforms.errors import bad_option
 from transforms.jit import JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers
 from transforms.noise import NOISE_MODES, key_seed, sample_seeds, sigma_per_image, standard_normal
+from transforms.precision import PRECISIONS, with_precision
 from transforms.reductions import REDUCTIONS
 from transforms.scores import score_function
 from transforms.targets import TARGET_FORMS, Target
 from transforms.variants import VARIANTS, accumulate, get_variant
 
 __all__ = ["SmoothGrad", "SmoothGradResult",  # and, re-exported for callers:
-           "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS", "Target", "key_seed",
+           "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS", "PRECISIONS", "Target", "key_seed",
            "choose_jit", "score_function", "has_xla_slow_layers"]
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,11 @@ class SmoothGrad:
         target: ``top1``, ``label`` (targets given with each call), ``class:K``
             or ``topk:K``.
         batch_size: the fixed batch the function is compiled for.
-        chunk: noisy samples per image processed at once (default: enough for
-            about 32 noisy images per step, at most ``samples``).
+        chunk: noisy samples per image processed at once. Default: the fewest
+            chunks of at most about 32 noisy images per step, each chunk as small
+            as covers ``samples`` with that count (e.g. 5 for 10 samples at
+            batch 4). A chunk that does not divide ``samples`` is followed by one
+            smaller remainder chunk: exactly ``samples`` gradients are computed.
         jit: ``xla``, ``graph`` or ``auto`` (see :func:`choose_jit`).
         seed: global noise seed.
         logits: explain pre-softmax/sigmoid scores (True) or the outputs as
@@ -117,6 +121,9 @@ class SmoothGrad:
         sample_offset: index of the first noise sample (default 0). Two
             explainers with ``samples=n`` and offsets 0 and n draw disjoint
             noise, as the split-half convergence check needs.
+        precision: the model's compute dtype, ``float32`` (default),
+            ``bfloat16`` or ``float16`` (a mixed-precision clone of the model;
+            noise, sums and maps stay float32).
 
     Call ``explainer(images, keys, targets=None)`` with float32 ``[B, H, W, C]``
     images already preprocessed and one string key per image; ``targets``
@@ -132,7 +139,7 @@ class SmoothGrad:
     def __init__(self, model, samples: int = 20, noise: float = 0.1, noise_mode: str = "absolute",
                  variant: str = "smoothgrad", reduce: str = "mean_abs", target: str = "top1",
                  batch_size: int = 8, chunk: int | None = None, jit: str = "auto", seed: int = 0,
-                 logits: bool = True, sample_offset: int = 0):
+                 logits: bool = True, sample_offset: int = 0, precision: str = "float32"):
         if not _is_whole(samples, 1):
             raise bad_option("samples", "a whole number >= 1", samples)
         if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)) \
@@ -161,7 +168,8 @@ class SmoothGrad:
         self.variant = variant
         self.reduce = reduce
         self.batch_size = int(batch_size)
-        self.chunk = min(self.samples, int(chunk) if chunk else max(1, 32 // self.batch_size))
+        self.chunk = self.default_chunk(self.samples, self.batch_size) if chunk is None \
+            else min(self.samples, int(chunk))
         self.seed = int(seed)
         self.logits = bool(logits)
         if not _is_whole(sample_offset, 0):
@@ -171,12 +179,25 @@ class SmoothGrad:
         self.jit_used, self.jit_reason = choose_jit(model, jit)
         self._jit_requested = jit
         self._calls_done = 0
-        self._score_fn, self.scores_from = score_function(model, logits=self.logits)
+        self.precision = precision
+        self._score_fn, self.scores_from = score_function(with_precision(model, precision), logits=self.logits)
         self.input_shape = self._model_input_shape(model)
         self.num_classes: int | None = None
         self._function = None
         self._function_shape = None
         self._traces = 0
+
+    @staticmethod
+    def default_chunk(samples: int, batch_size: int, noisy_per_step: int = 32) -> int:
+        """The default chunk: the fewest chunks of at most ``noisy_per_step`` noisy images, each as small as covers.
+
+        Example:
+            >>> SmoothGrad.default_chunk(10, 4)     # 2 chunks of 5, not 8 + 8
+            5
+        """
+        largest = max(1, noisy_per_step // batch_size)
+        chunks = -(-samples // largest)
+        return -(-samples // chunks)
 
     @staticmethod
     def _model_input_shape(model) -> tuple[int, int, int] | None:
@@ -203,7 +224,7 @@ class SmoothGrad:
             "samples": self.samples, "noise": self.noise, "noise_mode": self.noise_mode,
             "variant": self.variant, "reduce": self.reduce, "target": str(self.target),
             "batch_size": self.batch_size, "chunk": self.chunk, "seed": self.seed,
-            "logits": self.logits, "scores_from": self.scores_from,
+            "logits": self.logits, "scores_from": self.scores_from, "precision": self.precision,
             "jit_used": self.jit_used, "jit_reason": self.jit_reason,
         }
 
@@ -358,24 +379,18 @@ class SmoothGrad:
         scores = tf.gather(clean, targets, batch_dims=1)
         ranks = tf.reduce_sum(tf.cast(clean[:, None, :] > scores[:, :, None], tf.int32), axis=-1)
 
-        noisy_count = batch * chunk
-        repeated_targets = tf.repeat(targets, chunk, axis=0)
-        repeated_images = tf.repeat(images, chunk, axis=0)
-        repeated_sigma = tf.reshape(tf.repeat(sigma, chunk), [noisy_count, 1, 1, 1])
-
-        def gradients(chunk_index):
-            sample_index = tf.cast(chunk_index * chunk, tf.int64) + tf.range(chunk, dtype=tf.int64)
+        def gradients(first_sample, size):
+            sample_index = tf.cast(first_sample, tf.int64) + tf.range(size, dtype=tf.int64)
             noise = standard_normal(sample_seeds(seeds, sample_index + self.sample_offset),
                                     (height, width, channels))
-            noisy = repeated_images + repeated_sigma * noise
+            noisy = tf.repeat(images, size, axis=0) + tf.reshape(tf.repeat(sigma, size), [-1, 1, 1, 1]) * noise
             with tf.GradientTape(persistent=k > 1) as tape:
                 tape.watch(noisy)
-                target_scores = tf.gather(self._scores(noisy), repeated_targets, batch_dims=1)
+                target_scores = tf.gather(self._scores(noisy), tf.repeat(targets, size, axis=0), batch_dims=1)
                 objectives = [tf.reduce_sum(target_scores[:, index]) for index in range(k)]
             grads = tf.stack([tape.gradient(objective, noisy) for objective in objectives], axis=1)
-            weights = tf.cast(sample_index < samples, tf.float32)  # last chunk may overhang
-            return tf.reshape(grads, [batch, chunk, k, height, width, channels]), weights
+            return tf.reshape(grads, [batch, size, k, height, width, channels])
 
-        state = accumulate(self._accumulator, -(-samples // chunk), gradients, (batch, k, height, width, channels))
+        state = accumulate(self._accumulator, samples, chunk, gradients, (batch, k, height, width, channels))
         maps = self._accumulator.finish(state, images, samples)
         return maps, targets, ranks, scores, predicted
