@@ -84,18 +84,9 @@ def test_reductions():
 
 # ---------------------------------------------------------------- variants
 def _chunks(grads_per_sample, chunk):
-    """[B, S, K, H, W, C] per-sample gradients as padded chunks with weights."""
+    """[B, S, K, H, W, C] per-sample gradients as chunks of ``chunk`` samples, the last one shorter."""
     samples = grads_per_sample.shape[1]
-    out = []
-    for first in range(0, samples, chunk):
-        part = grads_per_sample[:, first:first + chunk]
-        weights = np.ones(chunk, np.float32)
-        if part.shape[1] < chunk:  # overhang: garbage that must get weight 0
-            weights[part.shape[1]:] = 0.0
-            pad = np.full((part.shape[0], chunk - part.shape[1]) + part.shape[2:], 1e6, np.float32)
-            part = np.concatenate([part, pad], axis=1)
-        out.append((tf.constant(part), tf.constant(weights)))
-    return out
+    return [tf.constant(grads_per_sample[:, first:first + chunk]) for first in range(0, samples, chunk)]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -108,8 +99,8 @@ def test_accumulators_match_numpy(name):
     assert isinstance(accumulator, Accumulator) and accumulator.name == name
     state = accumulator.start(batch, k, height, width, channels)
     assert isinstance(state, tuple) and all(isinstance(part, tf.Tensor) for part in state)
-    for part, weights in _chunks(grads, chunk=2):
-        state = accumulator.add(state, part, weights)
+    for part in _chunks(grads, chunk=2):  # 2 + 2 + a remainder of 1
+        state = accumulator.add(state, part)
     maps = accumulator.finish(state, tf.constant(images), samples).numpy()
     expected = {
         "smoothgrad": np.abs(grads).mean(axis=1),
@@ -122,21 +113,25 @@ def test_accumulators_match_numpy(name):
     np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_accumulate_runs_the_loop_in_a_graph():
+@pytest.mark.parametrize("samples, chunk", [(6, 2), (7, 2), (6, 6), (5, 8)])
+def test_accumulate_runs_the_loop_in_a_graph(samples, chunk):
     rng = np.random.default_rng(4)
-    grads = rng.normal(size=(1, 6, 1, 2, 2, 1)).astype(np.float32)
+    grads = rng.normal(size=(1, samples, 1, 2, 2, 1)).astype(np.float32)
     accumulator = get_variant("vargrad", "mean_abs")
+    asked = []
 
     @tf.function(autograph=False)
     def run():
-        def gradients(index):
-            part = tf.gather(tf.constant(grads), index * 2 + tf.range(2), axis=1)
-            return part, tf.ones([2])
+        def gradients(first_sample, size):
+            asked.append(size)  # at trace time: the chunk sizes the step computes
+            return tf.gather(tf.constant(grads), first_sample + tf.range(size), axis=1)
 
-        state = accumulate(accumulator, 3, gradients, (1, 1, 2, 2, 1))
-        return accumulator.finish(state, tf.zeros([1, 2, 2, 1]), 6)
+        state = accumulate(accumulator, samples, chunk, gradients, (1, 1, 2, 2, 1))
+        return accumulator.finish(state, tf.zeros([1, 2, 2, 1]), samples)
 
     np.testing.assert_allclose(run().numpy(), grads.var(axis=1)[..., 0], rtol=1e-5, atol=1e-7)
+    full, rest = divmod(samples, min(chunk, samples))
+    assert asked == [min(chunk, samples)] * (1 if full else 0) + ([rest] if rest else [])
 
 
 def test_get_variant_rejects_unknown():
