@@ -31,6 +31,16 @@ setup(
             "pillow>=10,<13",
         ],
         "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
+        # benchmarks/peers.py (peer SmoothGrad libraries) and the pipeline benchmark
+        # (peak RSS of a process tree). xplique: 1.4-1.5 require tensorflow<2.16 and
+        # numpy<2, 2.x require tensorflow<=2.20, so 1.3.3 (no upper bound) is the
+        # only release that installs next to TensorFlow 2.21.
+        "bench": [
+            "saliency>=0.2.1,<0.3",
+            "tf-keras-vis>=0.8.7,<0.9",
+            "xplique>=1.3.3,<1.4",
+            "psutil>=7.0,<8",
+        ],
     },
     entry_points={"console_scripts": ["smoothgrad-audit=pipelines.smoothgrad_audit:main"]},
 )
