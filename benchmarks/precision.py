@@ -48,7 +48,7 @@ def load(name: str, count: int, data_dir: str):
     if name == "demo":
         model = keras.saving.load_model(os.path.join(data_dir, demo.MODEL_FILENAME), compile=False)
         split = demo.load_split(data_dir, "test")
-        images = demo.preprocess(split["images"][:count])
+        images = demo.preprocess(split["image"][:count])
         return model, images, [f"demo-{index}" for index in range(len(images))]
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, name)(weights=None)
