@@ -29,6 +29,8 @@ setup(
             "polars>=1.0,<3",
             "duckdb>=1.1,<3",
             "pillow>=10,<13",
+            # a local Google Cloud Storage for the gs:// tests (with the gcp extra)
+            "gcp-storage-emulator>=2026.7,<2027",
         ],
         "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
         # benchmarks/peers.py (peer SmoothGrad libraries) and the pipeline benchmark

@@ -190,7 +190,8 @@ class Config:
     logits: bool = _field(True, "Explain pre-softmax/sigmoid scores (true) or the outputs as they are.", _as_bool)
     batch_size: int = _field(8, "Images per compiled SmoothGrad step (the last batch is padded).", _whole(1))
     chunk: int = _field(None, "Noisy samples per image processed at once (memory bound); default: the "
-                              "fewest chunks of at most ~32 noisy images per step, as small as covers samples. "
+                              "fewest chunks of at most 8 noisy images per step on a CPU (32 on a GPU), as small "
+                              "as covers samples. "
                               "A chunk that does not divide samples is followed by a smaller remainder: "
                               "exactly samples gradients are computed.", _whole(1))
     jit: str = _field("auto", f"One of {JIT_MODES}: XLA, plain TF graph, or chosen by device and model.",

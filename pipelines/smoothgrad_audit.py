@@ -26,7 +26,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from pipelines.config import Config, ConfigError, parse
-from transforms import corpus, postprocess
+from transforms import corpus, postprocess, storage
 from transforms import schema as corpus_schema
 from transforms.decode import DecodeRecords, DecodeSettings
 from transforms.errors import ERRORS
@@ -68,22 +68,25 @@ def prepare_run_dir(config: Config) -> str:
     """Checks ``output`` and returns an empty ``OUTPUT/run_id=<RUN_ID>`` folder.
 
     A folder with a manifest is a completed run: refused unless ``overwrite``.
-    A folder without one is an interrupted run: cleaned up.
+    A folder without one is an interrupted run: cleaned up. Every file below the
+    folder is deleted by name, so on an object store (where a folder is only a
+    name prefix) no stale shard survives either.
     """
     output = config.output.rstrip("/") or "/"
-    if "://" not in output:
-        if os.path.exists(output) and not os.path.isdir(output):
-            raise ConfigError(f"config key 'output': {output!r} is a file; a folder is needed.")
+    if not storage.is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"config key 'output': {output!r} is a file; a folder is needed.")
     run_dir = FileSystems.join(output, f"run_id={config.run_id}")
     manifest = FileSystems.join(run_dir, corpus.MANIFEST)
-    if FileSystems.exists(manifest) and not config.overwrite:
+    completed = FileSystems.exists(manifest)
+    if completed and not config.overwrite:
         raise ConfigError(f"config key 'run_id': {run_dir} already holds a completed run; "
                           "choose another run_id or pass --overwrite.")
-    if FileSystems.exists(run_dir):
-        logger.info("Removing %s (%s).", run_dir,
-                    "overwrite" if FileSystems.exists(manifest) else "an incomplete earlier run")
-        FileSystems.delete([run_dir])
-    FileSystems.mkdirs(run_dir)
+    removed = storage.clear_folder(run_dir)
+    if removed:
+        logger.info("Removed %d file(s) of %s from %s.", removed,
+                    "the completed run (overwrite)" if completed else "an incomplete earlier run", run_dir)
+    if not storage.is_remote(run_dir):
+        FileSystems.mkdirs(run_dir)
     return run_dir
 
 

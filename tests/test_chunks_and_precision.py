@@ -35,8 +35,9 @@ def _counting_model(size: int = 8, classes: int = 3):
 
 
 @pytest.mark.parametrize("samples, batch_size, chunk", [
-    (10, 4, None),   # default chunk: 2 chunks of 5 (not 8 + 8)
-    (20, 4, None),   # default chunk 7: 7 + 7 + a remainder of 6
+    (10, 4, None),   # default chunk on a CPU: 5 chunks of 2
+    (10, 3, None),   # default chunk on a CPU: 2 + 2 + 2 + 2 + 2
+    (20, 4, 7),      # 7 + 7 + a remainder of 6
     (10, 4, 3),      # 3 + 3 + 3 + a remainder of 1
     (7, 2, None),    # one chunk of 7
     (5, 1, 2),
@@ -55,14 +56,22 @@ def test_exactly_n_noisy_gradients_per_image(samples, batch_size, chunk):
     assert engine.chunk <= samples and engine.compile_count == 1
 
 
-def test_default_chunk_never_overshoots():
+@pytest.mark.parametrize("noisy_per_step", [8, 32])
+def test_default_chunk_never_overshoots(noisy_per_step):
     for samples in range(1, 65):
-        for batch_size in (1, 2, 4, 8, 16, 32, 64):
-            chunk = SmoothGrad.default_chunk(samples, batch_size)
+        for batch_size in (1, 2, 3, 4, 8, 16, 32, 64):
+            chunk = SmoothGrad.default_chunk(samples, batch_size, noisy_per_step)
             chunks = -(-samples // chunk)
-            assert chunk * batch_size <= max(32, batch_size)  # at most ~32 noisy images per step
-            assert chunks == -(-samples // max(1, 32 // batch_size))  # the fewest chunks of that size
-    assert SmoothGrad.default_chunk(10, 4) == 5
+            assert chunk * batch_size <= max(noisy_per_step, batch_size)  # at most that many noisy images a step
+            assert chunks == -(-samples // max(1, noisy_per_step // batch_size))  # the fewest chunks of that size
+            assert (chunk - 1) * chunks < samples  # a smaller chunk would need one chunk more
+    assert SmoothGrad.default_chunk(10, 4, 32) == 5 and SmoothGrad.default_chunk(20, 8, 8) == 1
+
+
+def test_the_default_step_depends_on_the_device():
+    expected = 32 if tf.config.list_logical_devices("GPU") else 8
+    assert SmoothGrad.default_chunk(64, 1) == expected
+    assert SmoothGrad(helpers.tiny_cnn(size=8), samples=64, batch_size=1).chunk == expected
 
 
 def test_maps_do_not_depend_on_the_chunk():

@@ -52,6 +52,11 @@ def has_xla_slow_layers(model) -> bool:
     return any(type(layer).__name__ in _XLA_SLOW_ON_CPU for layer in _iter_layers(model))
 
 
+def visible_accelerators() -> list:
+    """The GPUs and TPUs TensorFlow sees (logical devices); empty on a CPU-only machine."""
+    return tf.config.list_logical_devices("GPU") + tf.config.list_logical_devices("TPU")
+
+
 def choose_jit(model, requested: str = "auto") -> tuple[str, str]:
     """Resolves ``jit`` to ``xla`` or ``graph`` and says why.
 
@@ -77,7 +82,7 @@ def choose_jit(model, requested: str = "auto") -> tuple[str, str]:
         raise bad_option("jit", f"one of {JIT_MODES}", requested)
     if requested != "auto":
         return requested, "requested"
-    accelerators = tf.config.list_logical_devices("GPU") + tf.config.list_logical_devices("TPU")
+    accelerators = visible_accelerators()
     if accelerators:
         return "xla", f"auto: accelerator {accelerators[0].name} visible"
     if has_xla_slow_layers(model):

@@ -4,19 +4,18 @@ Sources: a ``.keras`` file (Keras safe mode on: Lambda layers and other code are
 refused unless the user opts out), a legacy ``.h5`` file, a TensorFlow
 SavedModel folder (wrapped in ``keras.layers.TFSMLayer``), or
 ``keras.applications:<Name>`` with ``weights`` (``imagenet``, a file, or None).
-Remote paths (``gs://``) are copied to a local temporary file through
-``tf.io.gfile`` first.
+Remote paths (``gs://``) are read through Beam's filesystems, like the data,
+and copied to a local temporary file (or folder) for Keras.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
-import tempfile
 
+from transforms import storage
 from transforms.errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -39,55 +38,9 @@ class ModelInfo:
     classes: int
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _exists(path: str) -> bool:
-    import tensorflow as tf
-
-    return tf.io.gfile.exists(path)
-
-
-def _local_copy(path: str) -> str:
-    """A local path for ``path``, copying a remote file (or folder) once."""
-    if not _is_remote(path):
-        return path
-    import tensorflow as tf
-
-    target = os.path.join(tempfile.mkdtemp(prefix="smoothgrad-model-"), os.path.basename(path.rstrip("/")))
-    if tf.io.gfile.isdir(path):
-        for root, _, files in tf.io.gfile.walk(path):
-            relative = os.path.relpath(root, path) if root != path else ""
-            os.makedirs(os.path.join(target, relative), exist_ok=True)
-            for name in files:
-                tf.io.gfile.copy(f"{root.rstrip('/')}/{name}", os.path.join(target, relative, name))
-    else:
-        tf.io.gfile.copy(path, target)
-    return target
-
-
 def file_sha256(path: str) -> str | None:
-    """SHA-256 of a file, or of a folder's files (names and bytes, sorted)."""
-    import tensorflow as tf
-
-    digest = hashlib.sha256()
-    if not tf.io.gfile.exists(path):
-        return None
-    if tf.io.gfile.isdir(path):
-        entries = []
-        for root, _, files in tf.io.gfile.walk(path):
-            entries += [f"{root.rstrip('/')}/{name}" for name in files]
-        for entry in sorted(entries):
-            digest.update(entry[len(path):].encode())
-            with tf.io.gfile.GFile(entry, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
-    with tf.io.gfile.GFile(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, or of a folder's files (names and bytes, sorted); None when absent."""
+    return storage.sha256(path)
 
 
 def _load_application(name: str, weights):
@@ -96,9 +49,9 @@ def _load_application(name: str, weights):
     if not re.fullmatch(r"[A-Z][A-Za-z0-9_]*", name) or not callable(getattr(keras.applications, name, None)):
         raise ModelError(f"model 'keras.applications:{name}' is not a keras.applications model; "
                          "use a class name such as Xception, ResNet50 or MobileNetV2.")
-    if weights not in (None, "imagenet") and not _exists(weights):
+    if weights not in (None, "imagenet") and not storage.exists(weights):
         raise ModelError(f"weights file {weights!r} does not exist.")
-    local_weights = weights if weights in (None, "imagenet") else _local_copy(weights)
+    local_weights = weights if weights in (None, "imagenet") else storage.copy_to_local(weights)
     try:
         return getattr(keras.applications, name)(weights=local_weights)
     except Exception as error:  # noqa: BLE001 - any Keras failure becomes one line
@@ -144,10 +97,10 @@ def load_model(source: str, weights: str | None = None, safe_mode: bool = True):
 
     if source.startswith(APPLICATIONS_PREFIX):
         return _load_application(source[len(APPLICATIONS_PREFIX):], weights)
-    if not _exists(source):
+    if not storage.exists(source):
         raise ModelError(f"model {source!r} does not exist; give a .keras or .h5 file, a SavedModel "
                          "folder, or keras.applications:<Name>.")
-    local = _local_copy(source)
+    local = storage.copy_to_local(source)
     lower = source.lower().rstrip("/")
     try:
         if lower.endswith(".keras"):
@@ -168,10 +121,10 @@ def load_model(source: str, weights: str | None = None, safe_mode: bool = True):
                              "to load it; pass --unsafe_model_loading only if you trust this file.") from None
         raise ModelError(f"cannot load model {source!r}: {message}") from None
     if weights is not None:
-        if not _exists(weights):
+        if not storage.exists(weights):
             raise ModelError(f"weights file {weights!r} does not exist.")
         try:
-            model.load_weights(_local_copy(weights))
+            model.load_weights(storage.copy_to_local(weights))
         except Exception as error:  # noqa: BLE001
             raise ModelError(f"cannot load weights {weights!r} into {source!r}: {one_line(error)}") from None
     return model

@@ -1,0 +1,126 @@
+"""The whole product on gs://, against a local GCS emulator: input, output, model, re-runs, manifest last."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines import smoothgrad_audit
+from pipelines.config import ConfigError
+from tests import helpers
+from transforms import storage
+
+
+def _upload(local: str, remote: str) -> str:
+    with open(local, "rb") as source, FileSystems.create(remote) as target:
+        target.write(source.read())
+    return remote
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path) as handle:
+        return handle.read()
+
+
+def _corpus(run_dir: str):
+    """(manifest, saliency table sorted by key, names of the files in the run folder)."""
+    manifest = json.loads(_read(FileSystems.join(run_dir, "_MANIFEST.json")))
+    tables = [pq.read_table(io.BytesIO(_read(FileSystems.join(run_dir, name))))
+              for name in manifest["outputs"]["saliency"]]
+    table = pa.concat_tables(tables).sort_by("key")
+    names = [path[len(run_dir.rstrip("/")) + 1:] for path in storage.files_under(run_dir)]
+    return manifest, table, names
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory, gcs_bucket):
+    folder = tmp_path_factory.mktemp("gcs")
+    paths = helpers.write_image_dataset(str(folder / "data"), files=3, per_file=4, size=16, classes=3)
+    model = helpers.save_tiny_cnn(str(folder), size=16, classes=3)
+    prefix = f"{gcs_bucket}/datasets/tiny"
+    for path in paths:
+        _upload(path, f"{prefix}/{os.path.basename(path)}")
+    return {"folder": folder, "local_pattern": str(folder / "data" / "*.tfrecord"), "local_model": model,
+            "pattern": f"{prefix}/*.tfrecord", "model": _upload(model, f"{gcs_bucket}/models/tiny.keras"),
+            "output": f"{gcs_bucket}/audits"}
+
+
+def _args(remote, run_id, *extra, pattern=None, output=None, model=None):
+    return ["--input", pattern or remote["pattern"], "--output", output or remote["output"],
+            "--model", model or remote["model"], "--run_id", run_id, "--samples", "3", "--batch_size", "4",
+            "--seed", "5", *extra]
+
+
+def test_a_run_on_gcs_equals_a_local_run(remote):
+    smoothgrad_audit.run(_args(remote, "on-gcs"))
+    local_output = str(remote["folder"] / "out")
+    smoothgrad_audit.run(_args(remote, "local", pattern=remote["local_pattern"], output=local_output,
+                               model=remote["local_model"]))
+    manifest, table, names = _corpus(f"{remote['output']}/run_id=on-gcs")
+    local_manifest, local_table, _ = _corpus(os.path.join(local_output, "run_id=local"))
+    assert manifest["invariant_holds"] and manifest["records_explained"] == 12
+    assert sorted(names) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
+                                    *manifest["outputs"]["errors"]])
+    assert manifest["model"]["sha256"] == local_manifest["model"]["sha256"]  # the same bytes, read from gs://
+    assert table.column("key").to_pylist() == local_table.column("key").to_pylist()
+    np.testing.assert_array_equal(table.column("saliency").combine_chunks().to_numpy_ndarray(),
+                                  local_table.column("saliency").combine_chunks().to_numpy_ndarray())
+    assert set(manifest["files"]) == {f"{remote['pattern'][:-len('*.tfrecord')]}part-{index}.tfrecord"
+                                      for index in range(3)}
+
+
+def test_overwrite_from_three_shards_to_one_leaves_only_the_new_shards(remote):
+    run_dir = f"{remote['output']}/run_id=rerun"
+    smoothgrad_audit.run(_args(remote, "rerun", "--num_shards", "3"))
+    _, _, before = _corpus(run_dir)
+    assert len([name for name in before if name.startswith("saliency-")]) == 3
+    with pytest.raises(ConfigError, match="already holds a completed run"):
+        smoothgrad_audit.run(_args(remote, "rerun", "--num_shards", "1"))
+    smoothgrad_audit.run(_args(remote, "rerun", "--num_shards", "1", "--overwrite"))
+    manifest, table, names = _corpus(run_dir)
+    assert [name for name in names if name.startswith("saliency-")] == ["saliency-00000-of-00001.parquet"]
+    assert sorted(names) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
+                                    *manifest["outputs"]["errors"]])
+    assert table.num_rows == 12 and manifest["rows_written"] == 12
+
+
+def test_an_interrupted_run_is_cleaned_up(remote):
+    run_dir = f"{remote['output']}/run_id=interrupted"
+    for stray in ("saliency-00000-of-00007.parquet", "beam-temp-saliency-1/part", ".tmp-manifest"):
+        with FileSystems.create(f"{run_dir}/{stray}") as handle:
+            handle.write(b"left over by a run that died")
+    smoothgrad_audit.run(_args(remote, "interrupted"))  # no manifest: not a completed run
+    manifest, _, names = _corpus(run_dir)
+    assert sorted(names) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
+                                    *manifest["outputs"]["errors"]])
+
+
+def test_the_manifest_is_written_after_every_shard(remote):
+    run_dir = f"{remote['output']}/run_id=order"
+    smoothgrad_audit.run(_args(remote, "order", "--num_shards", "2"))
+    updated = {metadata.path.rsplit("/", 1)[1]: metadata.last_updated_in_seconds
+               for metadata in FileSystems.match([f"{run_dir}/*"])[0].metadata_list}
+    manifest_time = updated.pop("_MANIFEST.json")
+    assert len(updated) == 3 and all(manifest_time >= shard_time for shard_time in updated.values())
+
+
+def test_storage_helpers_on_an_object_store(gcs_bucket):
+    folder = f"{gcs_bucket}/helpers/run_id=x"
+    assert not storage.exists(folder) and storage.files_under(folder) == []
+    for name in ("a.parquet", "sub/b.bin"):
+        with FileSystems.create(f"{folder}/{name}") as handle:
+            handle.write(name.encode())
+    assert not FileSystems.exists(folder)  # a prefix is not an object ...
+    assert storage.exists(folder)  # ... but it holds files
+    assert storage.files_under(folder) == [f"{folder}/a.parquet", f"{folder}/sub/b.bin"]
+    local = storage.copy_to_local(folder)
+    assert open(os.path.join(local, "sub", "b.bin"), "rb").read() == b"sub/b.bin"
+    assert storage.sha256(folder) == storage.sha256(local)  # the same names and bytes
+    assert storage.clear_folder(folder) == 2 and storage.files_under(folder) == []

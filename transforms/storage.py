@@ -1,0 +1,110 @@
+"""Files through one layer, Beam's ``FileSystems``, for local paths and object stores alike.
+
+An object store (``gs://``) is not a disk, and the code assumes only what both
+offer:
+
+* **No real folders.** A "folder" is a name prefix: it exists while an object
+  under it exists, ``FileSystems.exists(folder)`` is False on GCS even then, and
+  deleting the folder's name deletes nothing. So folders are listed
+  (:func:`files_under`) and emptied object by object (:func:`clear_folder`).
+* **Rename is copy + delete**, atomic per object, not per folder. The manifest
+  is written to a temporary name and renamed last, so a reader sees either no
+  manifest or a complete one, and only after every shard exists.
+* **Listing is strongly consistent** on GCS (a written object is listed at once);
+  nothing here relies on more than that.
+
+Model files are read through the same layer (copied to a local temporary file
+for Keras), so a model on ``gs://`` works wherever the data does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+_BLOCK = 1 << 20
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` names an object store (``gs://...``, ``s3://...``) rather than a local file."""
+    return "://" in path
+
+
+def files_under(folder: str) -> list[str]:
+    """Every file below ``folder`` (recursively), sorted; [] when there is none.
+
+    Example:
+        >>> files_under("gs://bucket/out/run_id=a")
+        ['gs://bucket/out/run_id=a/_MANIFEST.json', 'gs://bucket/out/run_id=a/errors-00000-of-00001.parquet', ...]
+    """
+    pattern = FileSystems.join(folder.rstrip("/"), "**")
+    return sorted(metadata.path for metadata in FileSystems.match([pattern])[0].metadata_list)
+
+
+def exists(path: str) -> bool:
+    """Whether ``path`` is a file, or a folder (on an object store: a prefix) holding at least one file."""
+    return FileSystems.exists(path) or bool(files_under(path))
+
+
+def clear_folder(folder: str) -> int:
+    """Deletes every file below ``folder`` (and, locally, the folder itself); returns how many files went.
+
+    On an object store the folder's own name is not an object: each file is
+    deleted by name, so no stale shard can survive.
+    """
+    files = files_under(folder)
+    if is_remote(folder):
+        if files:
+            FileSystems.delete(files)
+    elif os.path.isdir(folder):
+        shutil.rmtree(folder)
+    return len(files)
+
+
+def copy_to_local(path: str) -> str:
+    """A local path holding ``path``'s bytes: ``path`` itself when local, else a temporary copy (file or folder)."""
+    if not is_remote(path):
+        return path
+    target = os.path.join(tempfile.mkdtemp(prefix="smoothgrad-"), os.path.basename(path.rstrip("/")))
+    if FileSystems.exists(path):
+        _copy_file(path, target)
+        return target
+    prefix = path.rstrip("/") + "/"
+    for remote in files_under(path):
+        _copy_file(remote, os.path.join(target, remote[len(prefix):]))
+    return target
+
+
+def _copy_file(source: str, target: str) -> None:
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as reader, \
+            open(target, "wb") as writer:
+        shutil.copyfileobj(reader, writer, _BLOCK)
+
+
+def sha256(path: str) -> str | None:
+    """SHA-256 of a file, or of a folder's files (each file's name relative to the folder, then its bytes,
+    in sorted order); None when nothing is there."""
+    digest = hashlib.sha256()
+    if FileSystems.exists(path) and not (not is_remote(path) and os.path.isdir(path)):
+        _hash_file(path, digest)
+        return digest.hexdigest()
+    files = files_under(path)
+    if not files:
+        return None
+    root = path.rstrip("/")
+    for name in files:
+        digest.update(name[len(root):].encode())
+        _hash_file(name, digest)
+    return digest.hexdigest()
+
+
+def _hash_file(path: str, digest) -> None:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        for block in iter(lambda: handle.read(_BLOCK), b""):
+            digest.update(block)
