@@ -78,6 +78,12 @@ def test_corpus_matches_engine_and_manifest(dataset):
     np.testing.assert_array_equal(table.column("target").to_numpy(), expected.targets)
     np.testing.assert_allclose(table.column("score").to_numpy(), expected.scores, rtol=1e-5)
     assert table.column("height").to_pylist() == [16] * 10
+    from transforms.statistics import STATISTICS, map_statistics
+
+    for row, saliency in enumerate(maps):  # the statistics columns describe the stored (full-resolution) map
+        expected_figures = map_statistics(saliency)
+        for name in STATISTICS:
+            assert table.column(name)[row].as_py() == pytest.approx(expected_figures[name], rel=1e-5, abs=1e-6)
     assert table.schema.field("saliency").type == pa.fixed_shape_tensor(pa.float32(), [16, 16])
     assert set(table.column("label").to_pylist()) <= {0, 1, 2}
     # manifest: counts, invariant, provenance

@@ -1,8 +1,8 @@
 """Explained examples → rows of the corpus: saliency rows, or error rows for the maps that cannot be stored.
 
 The raw full-resolution map is checked (finite, within the storage dtype's
-range), scored against the object mask when there is one, then down-sampled,
-normalised and cast to the storage dtype.
+range), scored against the object mask when there is one, summarised by the
+per-map statistics, then down-sampled, normalised and cast to the storage dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from apache_beam.metrics import Metrics
 from transforms import postprocess
 from transforms.errors import ERRORS, NAMESPACE, error_row
 from transforms.explain import Explained
+from transforms.statistics import map_statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ToRows(beam.DoFn):
             inside, hit = (postprocess.mask_figures(saliency, example.mask)
                            if example.mask is not None else (None, None))
             row["mass_in_mask"], row["pointing_hit"] = inside, hit
+        row.update(map_statistics(saliency))  # from the raw full-resolution map
         stored = self.settings.normalize(postprocess.downsample(saliency, self.settings.downsample))
         row["height"], row["width"] = int(stored.shape[0]), int(stored.shape[1])
         row["saliency"] = stored.astype(np.float16 if self.settings.dtype == "float16" else np.float32)

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from transforms.statistics import STATISTICS
+
 STAGES = ("read", "decode", "explain")
 METADATA_KEY = b"smoothgrad_audit"
 # A writer buffers one row group; keep it under this many bytes.
@@ -34,6 +36,7 @@ def saliency_schema(map_shape: tuple, dtype: str = "float16", mask_columns: bool
     if mask_columns:
         fields += [pa.field("mass_in_mask", pa.float32(), nullable=True),
                    pa.field("pointing_hit", pa.bool_(), nullable=True)]
+    fields += [pa.field(name, pa.float32(), nullable=True) for name in STATISTICS]
     schema = pa.schema(fields)
     if metadata:
         schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)})

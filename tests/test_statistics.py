@@ -1,0 +1,56 @@
+"""Per-map statistics on hand-made maps whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from transforms.statistics import STATISTICS, border_frame, map_statistics
+
+
+def test_a_uniform_map():
+    figures = map_statistics(np.full((10, 20), 3.0))
+    assert figures["entropy"] == pytest.approx(1.0)
+    assert figures["gini"] == pytest.approx(0.0, abs=1e-12)
+    assert figures["com_y"] == pytest.approx(0.5) and figures["com_x"] == pytest.approx(0.5)
+    assert figures["peak_y"] == pytest.approx(0.05) and figures["peak_x"] == pytest.approx(0.025)  # first pixel
+    frame = border_frame(10, 20)  # 1 row and 2 columns on each side
+    assert frame.sum() == 200 - 8 * 16
+    assert figures["border_mass"] == pytest.approx(frame.mean())
+
+
+def test_a_single_pixel_map():
+    saliency = np.zeros((10, 10))
+    saliency[2, 7] = -4.0  # the magnitude counts
+    figures = map_statistics(saliency)
+    assert figures["entropy"] == pytest.approx(0.0, abs=1e-12)
+    assert figures["gini"] == pytest.approx(0.99)  # (n - 1) / n for n = 100 pixels
+    assert (figures["com_y"], figures["com_x"]) == pytest.approx((0.25, 0.75))
+    assert (figures["peak_y"], figures["peak_x"]) == pytest.approx((0.25, 0.75))
+    assert figures["border_mass"] == 0.0
+    saliency[2, 7], saliency[0, 5] = 0.0, 1.0
+    assert map_statistics(saliency)["border_mass"] == 1.0
+
+
+def test_two_halves_and_channels():
+    saliency = np.zeros((4, 4, 3))
+    saliency[:, :2, 0] = 1.0  # left half, one channel: mass summed over channels
+    figures = map_statistics(saliency)
+    assert figures["entropy"] == pytest.approx(math.log(8) / math.log(16))
+    assert figures["gini"] == pytest.approx(0.5)
+    assert (figures["com_y"], figures["com_x"]) == pytest.approx((0.5, 0.25))
+    assert 0.0 <= figures["border_mass"] <= 1.0
+
+
+@pytest.mark.parametrize("saliency", [np.zeros((5, 5)), np.full((5, 5), np.nan)])
+def test_a_map_without_mass_has_no_statistics(saliency):
+    assert map_statistics(saliency) == dict.fromkeys(STATISTICS)
+
+
+def test_statistics_stay_in_range_on_random_maps():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        figures = map_statistics(rng.normal(size=(rng.integers(1, 30), rng.integers(1, 30))) ** 3)
+        assert all(0.0 <= figures[name] <= 1.0 for name in STATISTICS), figures
