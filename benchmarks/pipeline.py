@@ -444,7 +444,7 @@ def markdown_report(report: dict) -> str:
         "Each pipeline run, in a fresh process tree, timed from start to exit:",
         "",
         "```",
-        f"python -m pipelines.smoothgrad_audit --input TMP/data-R/part-*.tfrecord --output TMP/out-R \\",
+        "python -m pipelines.smoothgrad_audit --input TMP/data-R/part-*.tfrecord --output TMP/out-R \\",
         f"    --model {MODELS[model].get('source', 'TMP/small_cnn.keras')}"
         f"{' --weights null' if MODELS[model].get('weights') else ''} --samples {settings['samples']} "
         f"--noise {NOISE} --batch_size {settings['batch']} --jit auto --overwrite --run_id RUN \\",

@@ -106,7 +106,7 @@ def test_write_dataset_is_deterministic_and_depends_on_seed_and_split(tmp_path):
     first = demo.write_dataset(str(tmp_path / "a"), "test", count=10, seed=5, image_size=32, shards=2)
     again = demo.write_dataset(str(tmp_path / "b"), "test", count=10, seed=5, image_size=32, shards=2)
     other_seed = demo.write_dataset(str(tmp_path / "c"), "test", count=10, seed=6, image_size=32, shards=2)
-    other_split = demo.write_dataset(str(tmp_path / "d"), "train", count=10, seed=5, image_size=32, shards=2)
+    demo.write_dataset(str(tmp_path / "d"), "train", count=10, seed=5, image_size=32, shards=2)
 
     assert [os.path.basename(path) for path in first] == ["test-00000-of-00002.tfrecord",
                                                          "test-00001-of-00002.tfrecord"]

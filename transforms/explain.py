@@ -22,8 +22,6 @@ record by record, so only the records at fault fail.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -54,11 +52,6 @@ class ExplainSettings:
     weights: str | None
     safe_mode: bool
     engine: dict
-
-    def tag(self) -> str:
-        """A short hash of the settings, to tell engines apart in logs and caches."""
-        text = json.dumps([self.model, self.weights, self.safe_mode, self.engine], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass
