@@ -21,6 +21,9 @@ setup(
         "protobuf>=6.31,<7",
         "PyYAML>=6.0,<7",
         "google-crc32c>=1.5,<2",
+        # the audit report: HTML from templates, figures
+        "Jinja2>=3.1,<4",
+        "matplotlib>=3.9,<4",
     ],
     extras_require={
         "test": [

@@ -41,7 +41,7 @@ samples of the channel-mean |gradient| (the engine's default ``smoothgrad``
 variant). PAIR (``magnitude=False``) and xplique return the mean *signed*
 gradient (the paper's SmoothGrad), reduced here (PAIR) or by xplique's
 ``reducer="mean"`` to its channel mean. Fidelity is the Spearman rank
-correlation (``transforms.sanity.rank_correlation``, mean over the batch's
+correlation (``transforms.statistics.rank_correlation``, mean over the batch's
 images) with the engine's float32 maps of the same quantity: the default
 variant for |gradient| implementations, ``variant="signed"`` (one untimed
 engine call) for PAIR and xplique. Noise draws differ between implementations,
@@ -97,7 +97,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 from transforms.errors import one_line  # noqa: E402
-from transforms.sanity import rank_correlation  # noqa: E402
+from transforms.statistics import rank_correlation  # noqa: E402
 from transforms.scores import score_function  # noqa: E402
 from transforms.smoothgrad import SmoothGrad  # noqa: E402
 

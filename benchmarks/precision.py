@@ -39,7 +39,7 @@ import keras  # noqa: E402
 
 from pipelines import demo  # noqa: E402
 from transforms.precision import PRECISIONS  # noqa: E402
-from transforms.sanity import rank_correlation  # noqa: E402
+from transforms.statistics import rank_correlation  # noqa: E402
 from transforms.smoothgrad import SmoothGrad  # noqa: E402
 
 

@@ -216,6 +216,8 @@ class Config:
     model_copies: int = _field(None, "Models per machine shared by all its SDK worker processes (Beam "
                                      "RunInference model sharing; e.g. 1 for one model per GPU); "
                                      "null = one model per worker process.", _whole(1))
+    progress_seconds: float = _field(10.0, "Seconds between two progress log lines (records done, rate, ETA) "
+                                           "while the run goes; 0 = none.", _number(0))
 
     @classmethod
     def keys(cls) -> list[str]:

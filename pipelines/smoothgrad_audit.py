@@ -33,7 +33,8 @@ from transforms.errors import ERRORS
 from transforms.explain import ExplainSettings, SmoothGradModelHandler
 from transforms.models import ModelError, ModelInfo, describe, load_model
 from transforms.noise import key_seed
-from transforms.records import ReadTFRecords
+from transforms.progress import Progress, ProgressSettings, ReportProgress
+from transforms.records import ReadTFRecords, count_records
 from transforms.rows import RowSettings, ToRows
 from transforms.sanity import run_sanity_checks
 from transforms.smoothgrad import SmoothGrad
@@ -160,8 +161,24 @@ def plan(config: Config) -> Plan:
                 engine=engine, map_shape=tuple(map_shape))
 
 
-def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, started_at: str):
-    """Adds the named steps of the audit to ``pipeline``; returns the manifest PCollection."""
+def count_inputs(patterns: list[str]) -> int | None:
+    """The number of input records when every input file is local and uncompressed, else None."""
+    total = 0
+    for match in FileSystems.match(list(patterns)):
+        for metadata in match.metadata_list:
+            count = count_records(metadata.path)
+            if count is None:
+                return None
+            total += count
+    return total
+
+
+def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, started_at: str,
+          progress: ProgressSettings | None = None):
+    """Adds the named steps of the audit to ``pipeline``; returns the manifest PCollection.
+
+    ``progress``: where the steps report records done (log lines while the run goes); None for none.
+    """
     info, target = planned.info, config.target
     parameters = dict(planned.engine.parameters())
     parameters.pop("jit_used"), parameters.pop("jit_reason")  # decided per worker
@@ -191,9 +208,11 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                | "Decode" >> beam.ParDo(DecodeRecords(decode_settings)).with_outputs(ERRORS, main="examples"))
     explained = decoded.examples | "SmoothGrad" >> RunInference(
         SmoothGradModelHandler(explain_settings, config.batch_size, model_copies=config.model_copies))
-    rows = explained | "ToRows" >> beam.ParDo(ToRows(row_settings)).with_outputs(ERRORS, main="rows")
+    rows = explained | "ToRows" >> beam.ParDo(ToRows(row_settings, progress)).with_outputs(ERRORS, main="rows")
     jit_used = explained | "JitUsed" >> beam.FlatMap(lambda result: [result.jit_used] if result.jit_used else [])
     errors = (read_errors, decoded[ERRORS], rows[ERRORS]) | "AllErrors" >> beam.Flatten()
+    if progress is not None:
+        _ = errors | "ProgressErrors" >> beam.ParDo(ReportProgress(progress, "error"))
     if config.sanity_records:
         sanity = (decoded.examples
                   | "SanitySample" >> beam.combiners.Top.Of(
@@ -225,10 +244,15 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
         options.view_as(StandardOptions).runner = DEFAULT_RUNNER
     options.view_as(SetupOptions).save_main_session = save_main_session
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    build(pipeline, config, planned, run_dir, started_at)
-    logger.info("Writing the corpus to %s", run_dir)
-    result = pipeline.run()
-    result.wait_until_finish()
+    expected = count_inputs(config.input)
+    progress = ProgressSettings(run_dir, config.progress_seconds, expected)
+    build(pipeline, config, planned, run_dir, started_at, progress)
+    logger.info("Writing the corpus to %s%s", run_dir, f" ({expected:,} input records)" if expected is not None else "")
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        Progress.finish(run_dir)
     _log_summary(run_dir)
     return result
 

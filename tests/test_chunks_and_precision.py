@@ -8,7 +8,7 @@ import tensorflow as tf
 import keras
 
 from tests import helpers
-from transforms.sanity import rank_correlation
+from transforms.statistics import rank_correlation
 from transforms.smoothgrad import SmoothGrad
 
 

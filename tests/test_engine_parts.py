@@ -16,7 +16,7 @@ from transforms.noise import sample_seeds, sigma_per_image
 from transforms.reductions import reduce_magnitude, reduce_signed
 from transforms.smoothgrad import SmoothGrad
 from transforms.targets import Target
-from transforms.variants import VARIANTS, Accumulator, accumulate, get_variant
+from transforms.variants import VARIANTS, Accumulator, SplitHalves, accumulate, get_variant
 
 
 # ------------------------------------------------------------------- noise
@@ -134,6 +134,36 @@ def test_accumulate_runs_the_loop_in_a_graph(samples, chunk):
     assert asked == [min(chunk, samples)] * (1 if full else 0) + ([rest] if rest else [])
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("samples, chunk", [(7, 3), (6, 2), (5, 1), (4, 8)])
+def test_split_halves_fold_the_even_and_odd_samples(name, samples, chunk):
+    # Chunks of odd size start at odd samples too: the parity must follow the sample, not the chunk.
+    rng = np.random.default_rng(5)
+    grads = rng.normal(size=(2, samples, 1, 3, 3, 2)).astype(np.float32)
+    images = rng.normal(size=(2, 3, 3, 2)).astype(np.float32)
+    accumulator = get_variant(name, "none")
+    halves = SplitHalves(accumulator)
+
+    @tf.function(autograph=False)
+    def run():
+        def gradients(first_sample, size):
+            return tf.gather(tf.constant(grads), first_sample + tf.range(size), axis=1)
+
+        state = accumulate(halves, samples, chunk, gradients, (2, 1, 3, 3, 2))
+        return halves.finish(state, tf.constant(images), samples)
+
+    every, even, odd = (part.numpy() for part in run())
+
+    def expected(part):  # the variant over a subset of the samples, in numpy
+        return {"smoothgrad": np.abs(part).mean(axis=1), "smoothgrad_squared": np.square(part).mean(axis=1),
+                "vargrad": part.var(axis=1), "signed": part.mean(axis=1),
+                "grad_x_input": images[:, None] * part.mean(axis=1)}[name]
+
+    np.testing.assert_allclose(every, expected(grads), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(even, expected(grads[:, 0::2]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(odd, expected(grads[:, 1::2]), rtol=1e-5, atol=1e-6)
+
+
 def test_get_variant_rejects_unknown():
     with pytest.raises(ValueError, match="'variant' must be one of"):
         get_variant("integrated", "mean_abs")
@@ -168,3 +198,49 @@ def test_check_model_counts_classes_without_compiling():
         SmoothGrad(_model(), samples=1, jit="graph", target="topk:4").check_model((4, 4, 1))
     with pytest.raises(ValueError, match=r"Each image must be \(4, 4, 1\)"):
         explainer.check_model((5, 4, 1))
+
+
+# ------------------------------------------------------------ reliability
+def _conv_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 2))
+    hidden = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(hidden))
+    return keras.Model(inputs, outputs)
+
+
+def test_reliability_is_the_rank_correlation_of_the_even_and_odd_sample_maps():
+    from transforms.statistics import rank_correlation
+
+    model = _conv_model()
+    images = np.random.default_rng(0).normal(size=(3, 8, 8, 2)).astype(np.float32)
+    keys = ["a", "b", "c"]
+    args = dict(noise=0.5, batch_size=2, jit="graph")
+    result = SmoothGrad(model, samples=2, **args)(images, keys)
+    # With N = 2 the halves are sample 0 and sample 1: one-sample explainers at offsets 0 and 1.
+    first = SmoothGrad(model, samples=1, sample_offset=0, reliability=False, **args)(images, keys)
+    second = SmoothGrad(model, samples=1, sample_offset=1, reliability=False, **args)(images, keys)
+    assert first.reliability is None
+    expected = [rank_correlation(a, b) for a, b in zip(first.maps, second.maps)]
+    np.testing.assert_allclose(result.reliability, expected, rtol=1e-5)
+    assert result.reliability.shape == (3,) and np.all(result.reliability < 0.999)
+    # The map itself does not change when the halves are accumulated beside it.
+    plain = SmoothGrad(model, samples=2, reliability=False, **args)(images, keys)
+    np.testing.assert_array_equal(result.maps, plain.maps)
+
+
+def test_reliability_grows_with_samples_and_does_not_depend_on_the_chunk():
+    model = _conv_model()
+    images = np.random.default_rng(1).normal(size=(4, 8, 8, 2)).astype(np.float32)
+    keys = [f"k{index}" for index in range(4)]
+    args = dict(noise=0.5, batch_size=4, jit="graph", variant="vargrad")
+    few = SmoothGrad(model, samples=4, **args)(images, keys).reliability
+    by_chunk = [SmoothGrad(model, samples=24, chunk=chunk, **args)(images, keys).reliability for chunk in (1, 5, 24)]
+    for other in by_chunk[1:]:
+        np.testing.assert_allclose(other, by_chunk[0], rtol=1e-4, atol=1e-5)
+    assert by_chunk[0].mean() > few.mean()
+    # Without noise both halves are the same map; with one sample there is no odd half.
+    exact = SmoothGrad(model, samples=4, noise=0.0, batch_size=4, jit="graph")(images, keys).reliability
+    np.testing.assert_allclose(exact, 1.0, rtol=1e-6)
+    single = SmoothGrad(model, samples=1, noise=0.5, batch_size=4, jit="graph", target="topk:2")(images, keys)
+    assert single.reliability.shape == (4, 2) and np.isnan(single.reliability).all()

@@ -84,6 +84,9 @@ def test_corpus_matches_engine_and_manifest(dataset):
         expected_figures = map_statistics(saliency)
         for name in STATISTICS:
             assert table.column(name)[row].as_py() == pytest.approx(expected_figures[name], rel=1e-5, abs=1e-6)
+    # the engine's split-half reliability of each map, through RunInference to the corpus
+    np.testing.assert_allclose(table.column("reliability").to_numpy(), expected.reliability, rtol=1e-5)
+    assert -1.0 <= min(expected.reliability) and max(expected.reliability) < 1.0
     assert table.schema.field("saliency").type == pa.fixed_shape_tensor(pa.float32(), [16, 16])
     assert set(table.column("label").to_pylist()) <= {0, 1, 2}
     # manifest: counts, invariant, provenance

@@ -54,3 +54,22 @@ def test_statistics_stay_in_range_on_random_maps():
     for _ in range(50):
         figures = map_statistics(rng.normal(size=(rng.integers(1, 30), rng.integers(1, 30))) ** 3)
         assert all(0.0 <= figures[name] <= 1.0 for name in STATISTICS), figures
+
+
+def test_rank_correlation_averages_tied_ranks_as_spearman_does():
+    import pandas as pd
+
+    from transforms.statistics import average_ranks, rank_correlation
+
+    np.testing.assert_array_equal(average_ranks(np.array([3.0, 1.0, 3.0, 0.0])), [2.5, 1.0, 2.5, 0.0])
+    rng = np.random.default_rng(0)
+    # Maps with large zero regions (ties), as ReLU networks give.
+    first = np.where(rng.random((16, 16)) < 0.6, 0.0, rng.random((16, 16)))
+    second = np.where(rng.random((16, 16)) < 0.6, 0.0, first + 0.3 * rng.random((16, 16)))
+    expected = pd.Series(first.ravel()).corr(pd.Series(second.ravel()), method="spearman")
+    assert rank_correlation(first, second) == pytest.approx(expected, abs=1e-12)
+    assert rank_correlation(first, first * 2 + 1) == pytest.approx(1.0)
+    assert rank_correlation(first, -first) == pytest.approx(-1.0)
+    assert np.isnan(rank_correlation(first, np.ones_like(first)))
+    with pytest.raises(ValueError, match="differ in size"):
+        rank_correlation(first, first[:4])

@@ -115,7 +115,9 @@ class WorkerEngine:
             if self._engine.target.mode != "topk":  # one class per image: add its axis
                 result = dataclasses.replace(result, maps=result.maps[:, None], targets=result.targets[:, None],
                                              target_ranks=result.target_ranks[:, None],
-                                             scores=result.scores[:, None])
+                                             scores=result.scores[:, None],
+                                             reliability=None if result.reliability is None
+                                             else result.reliability[:, None])
             return EngineOutput(result=result, jit_used=self._engine.jit_used, new_compiles=new_compiles)
 
 
@@ -129,6 +131,8 @@ class Explained:
         targets, target_ranks, scores: ``[K]`` each; None on failure.
         predicted: the clean top-1 class; None on failure.
         noise_sigma: the σ used; None on failure.
+        reliability: ``[K]`` split-half reliability of each map (NaN where it
+            cannot be measured); None on failure or when not computed.
         jit_used: the engine's compilation mode; None when the engine did not run.
         error: the one-line reason of a failure, else None.
     """
@@ -140,6 +144,7 @@ class Explained:
     scores: np.ndarray | None = None
     predicted: int | None = None
     noise_sigma: float | None = None
+    reliability: np.ndarray | None = None
     jit_used: str | None = None
     error: str | None = None
 
@@ -209,5 +214,7 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
         return [Explained(example, maps=result.maps[position], targets=result.targets[position],
                           target_ranks=result.target_ranks[position], scores=result.scores[position],
                           predicted=int(result.predicted[position]),
-                          noise_sigma=float(result.noise_sigma[position]), jit_used=output.jit_used)
+                          noise_sigma=float(result.noise_sigma[position]),
+                          reliability=None if result.reliability is None else result.reliability[position],
+                          jit_used=output.jit_used)
                 for position, example in enumerate(batch)]

@@ -95,6 +95,41 @@ def read_records(handle, source_file: str):
         offset += _HEADER.size + length + _FOOTER.size
 
 
+def count_records(path: str) -> int | None:
+    """How many items :func:`read_records` will yield for a local, uncompressed file, from its headers alone.
+
+    That is the file's share of the manifest's ``records_read``: every record
+    (a record failing its data CRC included), plus one for damaged framing or
+    an empty file, which become one error row each. Seeks over each record's
+    data and reads only the length fields. Returns None for a remote or
+    compressed file (counting it would mean reading it) or one that cannot be opened.
+
+    Example:
+        >>> count_records("data/train-00000-of-00004.tfrecord")
+        2000
+    """
+    if "://" in path or CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED:
+        return None
+    count = 0
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            offset = 0
+            while offset < size:
+                header = handle.read(_HEADER.size)
+                if len(header) < _HEADER.size:
+                    return count + 1  # cut inside a header
+                length, length_crc = _HEADER.unpack(header)
+                if masked_crc32c(header[:8]) != length_crc or offset + _HEADER.size + length + _FOOTER.size > size:
+                    return count + 1  # damaged framing ends the file with one error row
+                count += 1
+                offset += _HEADER.size + length + _FOOTER.size
+                handle.seek(offset)
+    except OSError:
+        return None
+    return count or 1  # an empty file is one error row
+
+
 def _damage(source_file: str, index: int, message: str) -> ReadError:
     if index == 0:
         return ReadError(source_file, None, f"not a readable TFRecord file: {message}")

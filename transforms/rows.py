@@ -2,7 +2,8 @@
 
 The raw full-resolution map is checked (finite, within the storage dtype's
 range), scored against the object mask when there is one, summarised by the
-per-map statistics, then down-sampled, normalised and cast to the storage dtype.
+per-map statistics (and the engine's split-half reliability), then
+down-sampled, normalised and cast to the storage dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from apache_beam.metrics import Metrics
 from transforms import postprocess
 from transforms.errors import ERRORS, NAMESPACE, error_row
 from transforms.explain import Explained
+from transforms.progress import CountProgress, ProgressSettings
 from transforms.statistics import map_statistics
 
 
@@ -44,12 +46,22 @@ class ToRows(beam.DoFn):
 
     Args:
         settings: how maps are stored.
+        progress: the run's progress settings (explained records are counted there), or None.
     """
 
-    def __init__(self, settings: RowSettings):
+    def __init__(self, settings: RowSettings, progress: ProgressSettings | None = None):
         self.settings = settings
         self.explained = Metrics.counter(NAMESPACE, "records_explained")
         self.failed = Metrics.counter(NAMESPACE, "errors_explain")
+        self.progress = CountProgress(progress)
+
+    def setup(self):
+        """Starts the run's progress in this process."""
+        self.progress.setup()
+
+    def teardown(self):
+        """Releases the run's progress."""
+        self.progress.teardown()
 
     def process(self, explained: Explained):
         """Rows of one explained example, or its error row."""
@@ -61,6 +73,7 @@ class ToRows(beam.DoFn):
                                                               example.record_index, "explain", problem))
             return
         self.explained.inc()
+        self.progress.add("explained")
         for rank in range(explained.maps.shape[0]):
             yield self._row(example, explained, rank, explained.maps[rank])
 
@@ -85,6 +98,8 @@ class ToRows(beam.DoFn):
                            if example.mask is not None else (None, None))
             row["mass_in_mask"], row["pointing_hit"] = inside, hit
         row.update(map_statistics(saliency))  # from the raw full-resolution map
+        reliability = None if explained.reliability is None else float(explained.reliability[rank])
+        row["reliability"] = reliability if reliability is not None and np.isfinite(reliability) else None
         stored = self.settings.normalize(postprocess.downsample(saliency, self.settings.downsample))
         row["height"], row["width"] = int(stored.shape[0]), int(stored.shape[1])
         row["saliency"] = stored.astype(np.float16 if self.settings.dtype == "float16" else np.float32)

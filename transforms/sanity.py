@@ -22,23 +22,9 @@ import numpy as np
 
 from transforms.errors import one_line
 from transforms.smoothgrad import SmoothGrad
+from transforms.statistics import rank_correlation
 
 logger = logging.getLogger(__name__)
-
-
-def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
-    """Spearman rank correlation of two maps (ties ranked by position); NaN if either is constant."""
-    a = np.asarray(first, np.float64).ravel()
-    b = np.asarray(second, np.float64).ravel()
-    if a.size != b.size:
-        raise ValueError(f"maps differ in size: {a.size} and {b.size} values.")
-    rank_a = np.empty(a.size)
-    rank_a[np.argsort(a, kind="stable")] = np.arange(a.size)
-    rank_b = np.empty(b.size)
-    rank_b[np.argsort(b, kind="stable")] = np.arange(b.size)
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(np.corrcoef(rank_a, rank_b)[0, 1])
 
 
 def _mean_correlation(maps_a: np.ndarray, maps_b: np.ndarray) -> float | None:
@@ -136,7 +122,7 @@ def run_sanity_checks(examples, settings) -> dict:
     model = load_model(settings.model, settings.weights, safe_mode=settings.safe_mode)
     images = np.stack([example.image for example in examples])
     keys = [example.key for example in examples]
-    engine_args = dict(settings.engine)
+    engine_args = dict(settings.engine, reliability=False)  # the checks compare whole maps only
     if str(engine_args.get("target")) == "label":
         engine_args["target"] = "top1"  # the checks compare maps of one fixed class per image
     if not tf.config.list_logical_devices("GPU"):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from transforms.statistics import STATISTICS
+from transforms.statistics import MAP_COLUMNS
 
 STAGES = ("read", "decode", "explain")
 METADATA_KEY = b"smoothgrad_audit"
@@ -36,7 +36,7 @@ def saliency_schema(map_shape: tuple, dtype: str = "float16", mask_columns: bool
     if mask_columns:
         fields += [pa.field("mass_in_mask", pa.float32(), nullable=True),
                    pa.field("pointing_hit", pa.bool_(), nullable=True)]
-    fields += [pa.field(name, pa.float32(), nullable=True) for name in STATISTICS]
+    fields += [pa.field(name, pa.float32(), nullable=True) for name in MAP_COLUMNS]
     schema = pa.schema(fields)
     if metadata:
         schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)})

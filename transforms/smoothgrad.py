@@ -44,14 +44,14 @@ import tensorflow as tf
 import keras
 
 from transforms.errors import bad_option
-from transforms.jit import (JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers,
-                           visible_accelerators)
+from transforms.jit import JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers
 from transforms.noise import NOISE_MODES, key_seed, sample_seeds, sigma_per_image, standard_normal
 from transforms.precision import PRECISIONS, with_precision
 from transforms.reductions import REDUCTIONS
 from transforms.scores import score_function
 from transforms.targets import TARGET_FORMS, Target
-from transforms.variants import VARIANTS, accumulate, get_variant
+from transforms.statistics import split_half_reliability
+from transforms.variants import VARIANTS, SplitHalves, accumulate, default_chunk, get_variant
 
 __all__ = ["SmoothGrad", "SmoothGradResult",  # and, re-exported for callers:
            "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS", "PRECISIONS", "Target", "key_seed",
@@ -73,6 +73,11 @@ class SmoothGradResult:
             ``logits=True``), float32, same shape as ``targets``.
         predicted: clean top-1 class, int32 ``[B]``.
         noise_sigma: the σ used for each image, float32 ``[B]``.
+        reliability: the split-half reliability of each map (Spearman rank
+            correlation of the even- and odd-sample half-maps), float32, same
+            shape as ``targets``; NaN where it cannot be measured (N < 2, a
+            constant half-map); None when the explainer was built with
+            ``reliability=False``.
     """
 
     maps: np.ndarray
@@ -81,6 +86,7 @@ class SmoothGradResult:
     scores: np.ndarray
     predicted: np.ndarray
     noise_sigma: np.ndarray
+    reliability: np.ndarray | None = None
 
 
 def _is_whole(value, minimum: int | None = None) -> bool:
@@ -126,6 +132,9 @@ class SmoothGrad:
         precision: the model's compute dtype, ``float32`` (default),
             ``bfloat16`` or ``float16`` (a mixed-precision clone of the model;
             noise, sums and maps stay float32).
+        reliability: also accumulate the even- and odd-numbered samples apart
+            (in the same compiled step; the map is unchanged) and return each
+            map's split-half rank correlation (default True).
 
     Call ``explainer(images, keys, targets=None)`` with float32 ``[B, H, W, C]``
     images already preprocessed and one string key per image; ``targets``
@@ -141,7 +150,8 @@ class SmoothGrad:
     def __init__(self, model, samples: int = 20, noise: float = 0.1, noise_mode: str = "absolute",
                  variant: str = "smoothgrad", reduce: str = "mean_abs", target: str = "top1",
                  batch_size: int = 8, chunk: int | None = None, jit: str = "auto", seed: int = 0,
-                 logits: bool = True, sample_offset: int = 0, precision: str = "float32"):
+                 logits: bool = True, sample_offset: int = 0, precision: str = "float32",
+                 reliability: bool = True):
         for name, value, minimum in (("samples", samples, 1), ("batch_size", batch_size, 1), ("seed", seed, None),
                                      ("sample_offset", sample_offset, 0)):
             if not _is_whole(value, minimum):
@@ -171,6 +181,7 @@ class SmoothGrad:
         self.seed = int(seed)
         self.logits = bool(logits)
         self.sample_offset = int(sample_offset)
+        self.reliability = bool(reliability)
         self.model = model
         self.jit_used, self.jit_reason = choose_jit(model, jit)
         self._jit_requested = jit
@@ -183,23 +194,8 @@ class SmoothGrad:
         self._function_shape = None
         self._traces = 0
 
-    @staticmethod
-    def default_chunk(samples: int, batch_size: int, noisy_per_step: int | None = None) -> int:
-        """The default chunk: the fewest chunks of at most ``noisy_per_step`` noisy images, each as small as covers.
-
-        ``noisy_per_step`` defaults to 8 on a CPU, where steps of about one batch
-        measured as fast as larger ones or faster (MobileNetV2 5-9 % faster than
-        with 32), and to 32 when a GPU or TPU is visible, which needs large batches.
-
-        Example:
-            >>> SmoothGrad.default_chunk(10, 4, noisy_per_step=32)     # 2 chunks of 5, not 8 + 8
-            5
-        """
-        if noisy_per_step is None:
-            noisy_per_step = 32 if visible_accelerators() else 8
-        largest = max(1, noisy_per_step // batch_size)
-        chunks = -(-samples // largest)
-        return -(-samples // chunks)
+    #: The default chunk for ``samples`` and ``batch_size`` (:func:`transforms.variants.default_chunk`).
+    default_chunk = staticmethod(default_chunk)
 
     @staticmethod
     def _model_input_shape(model) -> tuple[int, int, int] | None:
@@ -256,8 +252,9 @@ class SmoothGrad:
             parts = [self._run_fixed(images, keys, given)]
         merged = {field: np.concatenate([part[field] for part in parts]) for field in parts[0]}
         if self.target.mode != "topk":
-            for field in ("maps", "targets", "target_ranks", "scores"):
-                merged[field] = merged[field][:, 0]
+            for field in ("maps", "targets", "target_ranks", "scores", "reliability"):
+                if field in merged:
+                    merged[field] = merged[field][:, 0]
         return SmoothGradResult(**merged)
 
     def _check_images(self, images) -> np.ndarray:
@@ -358,13 +355,17 @@ class SmoothGrad:
             sigma_in = np.concatenate([sigma, np.zeros(pad, np.float32)])
         else:
             sigma_in = sigma
-        maps, targets, ranks, scores, predicted = self._call_compiled(
+        maps, targets, ranks, scores, predicted, *halves = self._call_compiled(
             tf.constant(images), tf.constant(seeds), tf.constant(given), tf.constant(sigma_in))
-        return {
+        out = {
             "maps": maps.numpy()[:count], "targets": targets.numpy()[:count],
             "target_ranks": ranks.numpy()[:count], "scores": scores.numpy()[:count],
             "predicted": predicted.numpy()[:count], "noise_sigma": sigma,
         }
+        if self.reliability:
+            out["reliability"] = split_half_reliability(*(half.numpy()[:count] for half in halves)) \
+                if halves else np.full(out["targets"].shape, np.nan, np.float32)
+        return out
 
     # --------------------------------------------------------- compiled step
     def _scores(self, images):
@@ -393,6 +394,11 @@ class SmoothGrad:
             grads = tf.stack([tape.gradient(objective, noisy) for objective in objectives], axis=1)
             return tf.reshape(grads, [batch, size, k, height, width, channels])
 
-        state = accumulate(self._accumulator, samples, chunk, gradients, (batch, k, height, width, channels))
-        maps = self._accumulator.finish(state, images, samples)
+        shape = (batch, k, height, width, channels)
+        if self.reliability and samples >= 2:
+            halves = SplitHalves(self._accumulator)
+            maps, even, odd = halves.finish(accumulate(halves, samples, chunk, gradients, shape), images, samples)
+            return maps, targets, ranks, scores, predicted, even, odd
+        maps = self._accumulator.finish(accumulate(self._accumulator, samples, chunk, gradients, shape),
+                                        images, samples)
         return maps, targets, ranks, scores, predicted

@@ -16,6 +16,13 @@ distribution ``p`` over the ``H × W`` pixels; a map with no mass gets None.
 * ``border_mass``: the share of the mass in the outer frame of the image whose
   width is 10 % of each side (at least one pixel).
 
+One more column comes from the engine, not from the finished map:
+``reliability``, the Spearman rank correlation between the map of the
+even-numbered noisy samples and the map of the odd-numbered ones (both
+accumulated in the same compiled step as the full map, which stays the mean
+over all N). Near 1: N was enough for this image; low: its map has not settled.
+None when N < 2 or a half-map is constant.
+
 Example:
 
 >>> map_statistics(np.ones((10, 10)))["entropy"]
@@ -30,6 +37,8 @@ import numpy as np
 
 #: The statistics columns, in schema order.
 STATISTICS = ("entropy", "gini", "com_y", "com_x", "peak_y", "peak_x", "border_mass")
+#: Every per-map column of the corpus: the statistics, then the engine's split-half reliability.
+MAP_COLUMNS = STATISTICS + ("reliability",)
 #: The width of the border frame, as a share of each side.
 BORDER_SHARE = 0.10
 
@@ -79,3 +88,50 @@ def map_statistics(saliency: np.ndarray) -> dict:
         "border_mass": float(share[border_frame(height, width)].sum()),
     }
     return {name: min(max(value, 0.0), 1.0) for name, value in figures.items()}  # rounding stays in range
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks ``0 .. n-1`` of a 1-D array, tied values sharing the mean of their ranks.
+
+    Example:
+        >>> average_ranks(np.array([3.0, 1.0, 3.0]))
+        array([1.5, 0. , 1.5])
+    """
+    values = np.asarray(values)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    counts = np.diff(np.r_[starts, values.size])
+    group_rank = starts + (counts - 1) / 2.0
+    ranks = np.empty(values.size)
+    ranks[order] = np.repeat(group_rank, counts)
+    return ranks
+
+
+def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
+    """Spearman rank correlation of two maps of the same size (ties get average ranks).
+
+    Returns:
+        A float in [-1, 1]; NaN when either map is constant (no ranking to compare).
+
+    Raises:
+        ValueError: when the maps differ in size.
+
+    Example:
+        >>> rank_correlation(np.arange(5.0), np.arange(5.0) ** 3)
+        1.0
+    """
+    a = np.asarray(first, np.float64).ravel()
+    b = np.asarray(second, np.float64).ravel()
+    if a.size != b.size:
+        raise ValueError(f"maps differ in size: {a.size} and {b.size} values.")
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    value = float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])
+    return min(1.0, max(-1.0, value))
+
+
+def split_half_reliability(even: np.ndarray, odd: np.ndarray) -> np.ndarray:
+    """Rank correlation of each pair of half-maps ``[B, K, ...]`` → float32 ``[B, K]`` (NaN if constant)."""
+    values = [[rank_correlation(a, b) for a, b in zip(even_maps, odd_maps)] for even_maps, odd_maps in zip(even, odd)]
+    return np.asarray(values, np.float32).reshape(even.shape[:2])
