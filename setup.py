@@ -34,6 +34,8 @@ setup(
             "pillow>=10,<13",
             # a local Google Cloud Storage for the gs:// tests (with the gcp extra)
             "gcp-storage-emulator>=2026.7,<2027",
+            # drives Debian's chromium (not a downloaded browser) in the report's browser test
+            "playwright>=1.50,<2",
         ],
         "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
         # benchmarks/peers.py (peer SmoothGrad libraries) and the pipeline benchmark

@@ -301,7 +301,9 @@ def argument_parser() -> argparse.ArgumentParser:
         description="SmoothGrad saliency corpus from TFRecord images, on Apache Beam. Options come "
                     "from --config FILE.yaml and the flags below (flags win); any other flag "
                     "(--runner, --direct_num_workers, --project, --region, --temp_location, ...) "
-                    "is passed to Beam. Without --runner, the in-process Beam runner is used.",
+                    "is passed to Beam. Without --runner, the in-process Beam runner is used. "
+                    "Sub-commands for finished runs: 'smoothgrad-audit report RUN_DIR' (an HTML "
+                    "audit report) and 'smoothgrad-audit compare RUN_A RUN_B' (two runs side by side).",
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
     )

@@ -269,8 +269,24 @@ def _log_summary(run_dir: str) -> None:
                 manifest["records_read"], manifest["records_explained"], manifest["rows_written"], errors, run_dir)
 
 
+#: Sub-commands beside the default (running an audit): name → module with ``main(argv) -> int``.
+SUBCOMMANDS = {"report": "pipelines.report", "compare": "pipelines.compare"}
+
+
 def main(argv=None) -> int:
-    """Console entry point: one clear line and exit status 2 for user mistakes."""
+    """Console entry point: one clear line and exit status 2 for user mistakes.
+
+    ``smoothgrad-audit --config FILE [--key value ...]`` runs an audit;
+    ``smoothgrad-audit report RUN_DIR`` and ``smoothgrad-audit compare RUN_A RUN_B``
+    look at finished runs.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+        logging.getLogger("pipelines").setLevel(logging.INFO)
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     # TensorFlow configures the root logger on import; the CLI owns the process, so
     # take it over: warnings from everyone, progress from this package.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
