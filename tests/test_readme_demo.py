@@ -106,3 +106,64 @@ def test_shipped_configs_are_valid(name):
     if name != "demo.yaml":  # the seed's settings: Xception with ImageNet weights, x/127.5 - 1
         assert config.model == "keras.applications:Xception" and config.weights == "imagenet"
         assert str(config.preprocess) == "tf"
+
+
+def _browser_or_skip():
+    from tests import browser
+
+    if not browser.available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Debian's chromium and playwright for the report's browser test (.ci/run installs it)")
+        pytest.skip("chromium or playwright is not installed here")
+    return browser
+
+
+def test_the_demo_report_opens_in_a_real_browser_with_every_section_filled(demo_run):
+    import numpy as np
+    from PIL import Image
+
+    browser = _browser_or_skip()
+    run_dir = str(demo_run["folder"] / "demo_output" / "run_id=demo")
+    assert smoothgrad_audit.main(["report", run_dir]) == 0
+    index = os.path.join(run_dir, "report", "index.html")
+    shot = str(demo_run["folder"] / "report.png")
+    seen = browser.open_page(index, shot)
+    # nothing but the page's own files was requested
+    assert seen["requests"] and all(url.startswith("file://") for url in seen["requests"]), seen["requests"]
+    # every image loaded: 5 histograms, 2 density plots, the sanity cascade, 4 galleries of 12 tiles and one
+    # tile per confident mistake (at most 12)
+    import glob
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(glob.glob(os.path.join(run_dir, "saliency-*.parquet")), columns=["label", "predicted"])
+    mistakes = sum(label != predicted for label, predicted in zip(table.column("label").to_pylist(),
+                                                                  table.column("predicted").to_pylist()))
+    broken = [src for src, loaded, width in seen["images"] if not loaded or width == 0]
+    assert not broken, broken
+    assert len(seen["images"]) == 5 + 2 + 1 + 4 * 12 + min(12, mistakes)
+    # the counts shown are the manifest's
+    manifest = demo_run["manifest"]
+    for name in ("records_read", "records_explained", "rows_written", "errors_total"):
+        assert seen["counts"][name] == str(manifest[name]), name
+    for heading in ("Run summary", "Per class", "Statistics of the maps", "Highest border mass", "Lowest mass in mask",
+                    "Lowest reliability", "Confident mistakes", "Random sample", "Errors"):
+        assert heading in seen["text"], heading
+    # not blank: a tall page whose screenshot holds many colours (the image tiles)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert seen["height"] > 3000 and pixels.shape[0] >= seen["height"] - 1
+    assert len(np.unique(pixels.reshape(-1, 3)[::97], axis=0)) > 1000
+
+
+def test_compare_of_two_demo_runs_with_different_samples(demo_run):
+    browser = _browser_or_skip()
+    folder = demo_run["folder"]
+    assert smoothgrad_audit.main(["--config", os.path.join(REPO, "configs", "demo.yaml"), "--samples", "8",
+                                  "--run_id", "demo8", "--sanity_records", "0"]) == 0
+    run_a, run_b = (str(folder / "demo_output" / f"run_id={name}") for name in ("demo", "demo8"))
+    out = str(folder / "compare")
+    assert smoothgrad_audit.main(["compare", run_a, run_b, "--out", out]) == 0
+    seen = browser.open_page(os.path.join(out, "index.html"), str(folder / "compare.png"))
+    assert all(url.startswith("file://") for url in seen["requests"])
+    assert not [src for src, loaded, width in seen["images"] if not loaded or width == 0]
+    assert "samples" in seen["text"] and "200" in seen["text"]
