@@ -216,6 +216,9 @@ class Config:
     model_copies: int = _field(None, "Models per machine shared by all its SDK worker processes (Beam "
                                      "RunInference model sharing; e.g. 1 for one model per GPU); "
                                      "null = one model per worker process.", _whole(1))
+    baseline: str = _field(None, "A completed run folder, or 'latest' (the most recent completed run under output): "
+                                 "records with the same key and content (record_sha256) reuse its rows when its "
+                                 "settings fingerprint equals this run's; null = explain every record.", _text)
     progress_seconds: float = _field(10.0, "Seconds between two progress log lines (records done, rate, ETA) "
                                            "while the run goes; 0 = none.", _number(0))
 

@@ -25,9 +25,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
+from pipelines.baseline import Baseline, fingerprint
+from pipelines.baseline import resolve as resolve_baseline
 from pipelines.config import Config, ConfigError, parse
 from transforms import corpus, postprocess, storage
 from transforms import schema as corpus_schema
+from transforms.baseline import UseBaseline
 from transforms.decode import DecodeRecords, DecodeSettings
 from transforms.errors import ERRORS
 from transforms.explain import ExplainSettings, SmoothGradModelHandler
@@ -174,10 +177,11 @@ def count_inputs(patterns: list[str]) -> int | None:
 
 
 def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, started_at: str,
-          progress: ProgressSettings | None = None):
+          progress: ProgressSettings | None = None, baseline: Baseline | None = None):
     """Adds the named steps of the audit to ``pipeline``; returns the manifest PCollection.
 
     ``progress``: where the steps report records done (log lines while the run goes); None for none.
+    ``baseline``: a checked baseline run whose rows unchanged records reuse; None to explain every record.
     """
     info, target = planned.info, config.target
     parameters = dict(planned.engine.parameters())
@@ -191,6 +195,8 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                   "scores_from": planned.engine.scores_from},
         "input": list(config.input),
         "config": config.as_dict(),
+        "fingerprint": fingerprint(config, info, planned.engine.chunk),
+        "baseline": {"run_id": baseline.run_id, "path": baseline.path} if baseline else None,
     }
     mask_columns = bool(config.mask_feature)
     saliency_schema = corpus_schema.saliency_schema(planned.map_shape, config.dtype, mask_columns=mask_columns,
@@ -203,16 +209,27 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                                mask_columns=mask_columns)
 
     records, read_errors = pipeline | "ReadRecords" >> ReadTFRecords(config.input)
-    decoded = (records
+    if baseline is not None:
+        to_explain, reread_errors, carried, outcomes = records | "Baseline" >> UseBaseline(baseline.parts,
+                                                                                            config.id_feature)
+        read_errors = (read_errors, reread_errors) | "ReadErrors" >> beam.Flatten()
+    else:
+        to_explain, carried = records, None
+        outcomes = pipeline | "NoBaseline" >> beam.Create([])
+    decoded = (to_explain
                | "BatchRecords" >> beam.BatchElements(min_batch_size=1, max_batch_size=DECODE_BATCH)
                | "Decode" >> beam.ParDo(DecodeRecords(decode_settings)).with_outputs(ERRORS, main="examples"))
     explained = decoded.examples | "SmoothGrad" >> RunInference(
         SmoothGradModelHandler(explain_settings, config.batch_size, model_copies=config.model_copies))
     rows = explained | "ToRows" >> beam.ParDo(ToRows(row_settings, progress)).with_outputs(ERRORS, main="rows")
+    all_rows = rows.rows if carried is None else (rows.rows, carried) | "AllRows" >> beam.Flatten()
     jit_used = explained | "JitUsed" >> beam.FlatMap(lambda result: [result.jit_used] if result.jit_used else [])
     errors = (read_errors, decoded[ERRORS], rows[ERRORS]) | "AllErrors" >> beam.Flatten()
     if progress is not None:
         _ = errors | "ProgressErrors" >> beam.ParDo(ReportProgress(progress, "error"))
+        if baseline is not None:
+            _ = (outcomes | "Reused" >> beam.Filter(lambda outcome: outcome == "reused")
+                 | "ProgressReused" >> beam.ParDo(ReportProgress(progress, "reused")))
     if config.sanity_records:
         sanity = (decoded.examples
                   | "SanitySample" >> beam.combiners.Top.Of(
@@ -220,7 +237,7 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                   | "SanityChecks" >> beam.Map(run_sanity_checks, explain_settings))
     else:
         sanity = pipeline | "NoSanityChecks" >> beam.Create([])
-    return ((records, rows.rows, errors, jit_used, sanity)
+    return ((records, all_rows, errors, jit_used, sanity, outcomes)
             | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header, target.maps_per_record,
                                                   config.num_shards, mask_columns=mask_columns))
 
@@ -238,6 +255,7 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
     """Runs one audit from a validated :class:`Config` and Beam arguments."""
     started_at = corpus.now_utc()
     planned = plan(config)
+    baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk))
     run_dir = prepare_run_dir(config)
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
@@ -246,7 +264,7 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
     pipeline = test_pipeline or beam.Pipeline(options=options)
     expected = count_inputs(config.input)
     progress = ProgressSettings(run_dir, config.progress_seconds, expected)
-    build(pipeline, config, planned, run_dir, started_at, progress)
+    build(pipeline, config, planned, run_dir, started_at, progress, baseline)
     logger.info("Writing the corpus to %s%s", run_dir, f" ({expected:,} input records)" if expected is not None else "")
     try:
         result = pipeline.run()
@@ -265,8 +283,10 @@ def _log_summary(run_dir: str) -> None:
     with FileSystems.open(manifest_path) as handle:
         manifest = json.loads(handle.read().decode("utf-8"))
     errors = ", ".join(f"{count} at {stage}" for stage, count in manifest["errors"].items() if count) or "none"
-    logger.info("Done: %d records read, %d explained, %d rows written, errors: %s. Corpus: %s",
-                manifest["records_read"], manifest["records_explained"], manifest["rows_written"], errors, run_dir)
+    reused = f", {manifest['records_reused']} reused" if manifest.get("baseline") else ""
+    logger.info("Done: %d records read, %d explained%s, %d rows written, errors: %s. Corpus: %s",
+                manifest["records_read"], manifest["records_explained"], reused, manifest["rows_written"], errors,
+                run_dir)
 
 
 #: Sub-commands beside the default (running an audit): name → module with ``main(argv) -> int``.

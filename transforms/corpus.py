@@ -20,6 +20,8 @@ from apache_beam.io.parquetio import WriteToParquetBatched
 from transforms import schema as corpus_schema
 
 MANIFEST = "_MANIFEST.json"
+#: The baseline join's outcomes counted in the manifest as ``records_<outcome>`` (reused is counted from rows).
+BASELINE_OUTCOMES = ("new", "changed", "retried", "removed")
 
 
 def now_utc() -> str:
@@ -45,14 +47,16 @@ def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
 
     Args:
         counts: ``((kind, source_file), count)`` pairs; kind is ``record``,
-            ``explained``, ``rows`` or ``error:<stage>``.
+            ``explained``, ``reused`` (rows carried over from a baseline),
+            ``rows`` or ``error:<stage>``.
         maps_per_record: rows per explained record.
         jit_used: the compilation modes the engines ran in.
 
     Returns:
         The manifest's count fields, the invariant check and per-file figures.
     """
-    per_file = collections.defaultdict(lambda: {"records_read": 0, "records_explained": 0, "rows_written": 0,
+    per_file = collections.defaultdict(lambda: {"records_read": 0, "records_explained": 0, "records_reused": 0,
+                                                "rows_written": 0,
                                                 "errors": {stage: 0 for stage in corpus_schema.STAGES}})
     for (kind, source), count in counts:
         entry = per_file[source]
@@ -64,24 +68,29 @@ def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
             entry["records_read"] += count
         elif kind == "explained":
             entry["records_explained"] += count
+        elif kind == "reused":
+            entry["records_reused"] += count
         elif kind == "rows":
             entry["rows_written"] += count
+    def holds(entry):
+        done = entry["records_explained"] + entry["records_reused"]
+        return (entry["records_read"] == done + entry["errors_total"]
+                and entry["rows_written"] == done * maps_per_record)
+
     for entry in per_file.values():
         entry["errors_total"] = sum(entry["errors"].values())
-        entry["invariant_holds"] = (entry["records_read"] == entry["records_explained"] + entry["errors_total"]
-                                    and entry["rows_written"] == entry["records_explained"] * maps_per_record)
+        entry["invariant_holds"] = holds(entry)
     totals = {
         "records_read": sum(entry["records_read"] for entry in per_file.values()),
         "records_explained": sum(entry["records_explained"] for entry in per_file.values()),
+        "records_reused": sum(entry["records_reused"] for entry in per_file.values()),
         "rows_written": sum(entry["rows_written"] for entry in per_file.values()),
         "errors": {stage: sum(entry["errors"][stage] for entry in per_file.values())
                    for stage in corpus_schema.STAGES},
     }
     totals["errors_total"] = sum(totals["errors"].values())
     totals["maps_per_record"] = maps_per_record
-    totals["invariant_holds"] = (totals["records_read"] == totals["records_explained"] + totals["errors_total"]
-                                 and totals["rows_written"] == totals["records_explained"] * maps_per_record
-                                 and all(entry["invariant_holds"] for entry in per_file.values()))
+    totals["invariant_holds"] = holds(totals) and all(entry["invariant_holds"] for entry in per_file.values())
     totals["jit_used"] = sorted(set(jit_used))
     totals["files"] = dict(sorted(per_file.items()))
     return totals
@@ -93,9 +102,12 @@ class _WriteManifest(beam.DoFn):
         self.header = header
         self.maps_per_record = maps_per_record
 
-    def process(self, _, counts, jit_used, saliency_files, error_files, quality, sanity):
+    def process(self, _, counts, jit_used, saliency_files, error_files, quality, sanity, outcomes):
         manifest = dict(self.header)
         manifest.update(summarise(counts, self.maps_per_record, jit_used))
+        if manifest.get("baseline"):
+            found = dict(outcomes)
+            manifest.update({f"records_{outcome}": found.get(outcome, 0) for outcome in BASELINE_OUTCOMES})
         if quality is not None:
             mass, hits, scored = quality
             variant = self.header.get("smoothgrad", {}).get("variant", "smoothgrad")
@@ -146,10 +158,12 @@ class WriteCorpus(beam.PTransform):
         num_shards: saliency shards (0: runner decides).
         mask_columns: whether rows carry mass_in_mask / pointing_hit (manifest quality means).
 
-    The input is ``(records, rows, errors, jit_used, sanity)``: the records
-    read, the saliency rows, the error rows, the compilation modes the engines
-    ran in (strings, repeats allowed) and at most one dict of sanity-check
-    figures for the manifest.
+    The input is ``(records, rows, errors, jit_used, sanity, outcomes)``: the
+    records read, the saliency rows (explained, or carried over from a baseline
+    with ``_reused``), the error rows, the compilation modes the engines ran in
+    (strings, repeats allowed), at most one dict of sanity-check figures for the
+    manifest, and the baseline join's outcome per record (strings; none without
+    a baseline).
     """
 
     def __init__(self, run_dir: str, saliency_schema, header: dict, maps_per_record: int, num_shards: int = 0,
@@ -164,7 +178,7 @@ class WriteCorpus(beam.PTransform):
 
     def expand(self, inputs):
         """Adds the write steps; returns the PCollection of the manifest's path."""
-        records, rows, errors, jit_used, sanity = inputs
+        records, rows, errors, jit_used, sanity, outcomes = inputs
         saliency_schema = self.saliency_schema
         saliency_files = (
             rows
@@ -184,7 +198,8 @@ class WriteCorpus(beam.PTransform):
              errors | "CountErrors" >> beam.Map(lambda row: (f"error:{row['stage']}", row["source_file"])),
              rows | "CountRows" >> beam.Map(lambda row: ("rows", row["source_file"])),
              rows | "FirstRows" >> beam.Filter(lambda row: row["_first"])
-                  | "CountExplained" >> beam.Map(lambda row: ("explained", row["source_file"])))
+                  | "CountExplained" >> beam.Map(
+                      lambda row: ("reused" if row.get("_reused") else "explained", row["source_file"])))
             | "AllCounts" >> beam.Flatten()
             | "Count" >> beam.combiners.Count.PerElement())
         quality = (rows | "QualityTotals" >> beam.CombineGlobally(_QualityTotals())) if self.mask_columns \
@@ -199,7 +214,8 @@ class WriteCorpus(beam.PTransform):
                 saliency_files=beam.pvalue.AsList(saliency_files),
                 error_files=beam.pvalue.AsList(error_files),
                 quality=beam.pvalue.AsSingleton(quality),
-                sanity=beam.pvalue.AsSingleton(sanity, default_value=None)))
+                sanity=beam.pvalue.AsSingleton(sanity, default_value=None),
+                outcomes=beam.pvalue.AsList(outcomes | "CountOutcomes" >> beam.combiners.Count.PerElement())))
 
 
 class _Tables(beam.PTransform):

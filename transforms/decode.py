@@ -81,6 +81,7 @@ class Example:
     label: int | None
     image: np.ndarray           # float32 [H, W, C], model input units
     mask: np.ndarray | None     # bool [H, W] at the model input size
+    record_sha256: str | None = None  # hex SHA-256 of the record's bytes as read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Failed:
     source_file: str
     record_index: int
     error: str
+    record_sha256: str | None = None
 
 
 def _feature_spec(settings: DecodeSettings) -> dict:
@@ -261,7 +263,7 @@ def decode_example(record: Record, features: dict, settings: DecodeSettings) -> 
         mask_pixels = _decode_pixels(data, f"mask '{settings.mask_feature}'", settings.max_image_pixels, channels=1)
         mask = _resize(mask_pixels, (height, width), "nearest")[..., 0] > 0
     return Example(key=key, source_file=record.source_file, record_index=record.record_index,
-                   label=label, image=image.astype(np.float32), mask=mask)
+                   label=label, image=image.astype(np.float32), mask=mask, record_sha256=record.sha256())
 
 
 def decode_batch(records: list[Record], settings: DecodeSettings) -> list[Example | Failed]:
@@ -279,7 +281,7 @@ def decode_batch(records: list[Record], settings: DecodeSettings) -> list[Exampl
         else:
             continue
         out.append(Failed(record_key(record.source_file, record.record_index), record.source_file,
-                          record.record_index, message))
+                          record.record_index, message, record.sha256()))
     return out
 
 
@@ -302,7 +304,7 @@ class DecodeRecords(beam.DoFn):
             if isinstance(item, Failed):
                 self.failed.inc()
                 yield beam.pvalue.TaggedOutput(ERRORS, error_row(item.key, item.source_file, item.record_index,
-                                                                  "decode", item.error))
+                                                                  "decode", item.error, item.record_sha256))
             else:
                 self.decoded.inc()
                 yield item

@@ -42,7 +42,8 @@ def one_line(error: BaseException | str) -> str:
     return text[:MAX_MESSAGE] + ("..." if len(text) > MAX_MESSAGE else "")
 
 
-def error_row(key: str, source_file: str, record_index: int | None, stage: str, error) -> dict:
+def error_row(key: str, source_file: str, record_index: int | None, stage: str, error,
+              record_sha256: str | None = None) -> dict:
     """One row of the errors output.
 
     Args:
@@ -51,12 +52,13 @@ def error_row(key: str, source_file: str, record_index: int | None, stage: str, 
         record_index: the record's position in its file, or None for the whole file.
         stage: ``read``, ``decode`` or ``explain``.
         error: an exception or a message; stored as :func:`one_line` of it.
+        record_sha256: hex SHA-256 of the record's bytes, when the record was read whole.
 
     Returns:
         A dict with the fields of the errors schema.
     """
     return {"key": key, "source_file": source_file, "record_index": record_index,
-            "stage": stage, "error": one_line(error)}
+            "record_sha256": record_sha256, "stage": stage, "error": one_line(error)}
 
 
 def bad_option(name: str, allowed: str, got) -> ValueError:

@@ -78,6 +78,7 @@ class Progress:
     def __init__(self, settings: ProgressSettings):
         self.settings = settings
         self.explained = 0
+        self.reused = 0
         self.errors = 0
         self._lock = threading.Lock()
         self._users = 0
@@ -121,28 +122,31 @@ class Progress:
                 self._stop.set()
 
     def add(self, kind: str, count: int = 1) -> None:
-        """Counts ``count`` records as ``explained`` or as ``error`` (at any stage)."""
+        """Counts ``count`` records as ``explained``, ``reused`` (from a baseline) or ``error`` (at any stage)."""
         with self._lock:
             if kind == "explained":
                 self.explained += count
+            elif kind == "reused":
+                self.reused += count
             else:
                 self.errors += count
 
     def line(self, elapsed: float | None = None) -> str:
         """The progress line now (``elapsed`` seconds since the start; measured when None)."""
         with self._lock:
-            explained, errors = self.explained, self.errors
+            explained, reused, errors = self.explained, self.reused, self.errors
             started = self._started
         if elapsed is None:
             elapsed = time.monotonic() - started if started is not None else 0.0
-        done = explained + errors
+        done = explained + reused + errors
         rate = done / elapsed if elapsed > 0 else 0.0
         expected = self.settings.expected
+        parts = f"({explained:,} explained, " + (f"{reused:,} reused, " if reused else "") + f"{errors:,} errors)"
         if expected and done >= expected:
-            return (f"Progress: all {done:,} records done ({explained:,} explained, {errors:,} errors) in "
+            return (f"Progress: all {done:,} records done {parts} in "
                     f"{_duration(elapsed)}, {rate:.1f} records/s; finishing the corpus")
         text = f"Progress: {done:,}" + (f" of {expected:,}" if expected else "")
-        text += f" records done ({explained:,} explained, {errors:,} errors), {rate:.1f} records/s"
+        text += f" records done {parts}, {rate:.1f} records/s"
         if expected and rate > 0 and done < expected:
             text += f", ETA {_duration((expected - done) / rate)}"
         return text
@@ -195,7 +199,7 @@ class ReportProgress(beam.DoFn):
 
     Args:
         settings: the run's progress settings.
-        kind: ``explained`` or ``error``.
+        kind: ``explained``, ``reused`` or ``error``.
     """
 
     def __init__(self, settings: ProgressSettings, kind: str = "error"):

@@ -14,6 +14,7 @@ rest of it. A file with no valid record at all is one whole-file error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import struct
 
@@ -52,6 +53,11 @@ class Record:
     source_file: str
     record_index: int
     data: bytes
+    offset: int | None = None  # byte offset of the record's header in the (uncompressed) file
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the record's bytes (the serialized example, framing excluded)."""
+        return hashlib.sha256(self.data).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +96,7 @@ def read_records(handle, source_file: str):
         if masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
             yield ReadError(source_file, index, f"data CRC mismatch in {where} ({length} bytes); record skipped")
         else:
-            yield Record(source_file, index, data)
+            yield Record(source_file, index, data, offset)
         index += 1
         offset += _HEADER.size + length + _FOOTER.size
 

@@ -70,7 +70,8 @@ class ToRows(beam.DoFn):
         if problem:
             self.failed.inc()
             yield beam.pvalue.TaggedOutput(ERRORS, error_row(example.key, example.source_file,
-                                                              example.record_index, "explain", problem))
+                                                              example.record_index, "explain", problem,
+                                                              example.record_sha256))
             return
         self.explained.inc()
         self.progress.add("explained")
@@ -88,6 +89,7 @@ class ToRows(beam.DoFn):
     def _row(self, example, explained: Explained, rank: int, saliency: np.ndarray) -> dict:
         row = {
             "key": example.key, "source_file": example.source_file, "record_index": example.record_index,
+            "record_sha256": example.record_sha256,
             "label": example.label, "target": int(explained.targets[rank]),
             "target_rank": int(explained.target_ranks[rank]), "score": float(explained.scores[rank]),
             "predicted": explained.predicted, "noise_sigma": explained.noise_sigma,

@@ -23,6 +23,7 @@ def saliency_schema(map_shape: tuple, dtype: str = "float16", mask_columns: bool
         pa.field("key", pa.string(), nullable=False),
         pa.field("source_file", pa.string(), nullable=False),
         pa.field("record_index", pa.int64(), nullable=False),
+        pa.field("record_sha256", pa.string(), nullable=False),
         pa.field("label", pa.int64(), nullable=True),
         pa.field("target", pa.int32(), nullable=False),
         pa.field("target_rank", pa.int32(), nullable=False),
@@ -47,6 +48,7 @@ ERRORS_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("source_file", pa.string(), nullable=False),
     pa.field("record_index", pa.int64(), nullable=True),
+    pa.field("record_sha256", pa.string(), nullable=True),
     pa.field("stage", pa.string(), nullable=False),
     pa.field("error", pa.string(), nullable=False),
 ])
