@@ -124,3 +124,24 @@ def test_storage_helpers_on_an_object_store(gcs_bucket):
     assert open(os.path.join(local, "sub", "b.bin"), "rb").read() == b"sub/b.bin"
     assert storage.sha256(folder) == storage.sha256(local)  # the same names and bytes
     assert storage.clear_folder(folder) == 2 and storage.files_under(folder) == []
+
+
+def test_a_scheduled_run_on_gcs_reuses_its_baseline_on_gcs(remote, gcs_bucket):
+    output = f"{gcs_bucket}/scheduled"
+    smoothgrad_audit.run(_args(remote, "monday", output=output))
+    # one file changes: its records are re-read by offset from gs:// and explained, the others are carried over
+    changed = helpers.write_image_dataset(str(remote["folder"] / "changed"), files=1, per_file=4, size=16,
+                                          classes=3, seed=11)[0]
+    prefix = f"{gcs_bucket}/datasets/scheduled"
+    for index in range(3):
+        source = changed if index == 1 else str(remote["folder"] / "data" / f"part-{index}.tfrecord")
+        _upload(source, f"{prefix}/part-{index}.tfrecord")
+    smoothgrad_audit.run(_args(remote, "tuesday", "--baseline", "latest", output=output,
+                               pattern=f"{prefix}/*.tfrecord"))
+    smoothgrad_audit.run(_args(remote, "fresh", output=f"{gcs_bucket}/fresh", pattern=f"{prefix}/*.tfrecord"))
+    manifest, table, _ = _corpus(f"{output}/run_id=tuesday")
+    _, fresh, _ = _corpus(f"{gcs_bucket}/fresh/run_id=fresh")
+    assert manifest["baseline"]["run_id"] == "monday" and manifest["invariant_holds"]
+    assert manifest["records_reused"] == 8 and manifest["records_changed"] == 4 and manifest["records_explained"] == 4
+    for name in table.schema.names:
+        assert table.column(name).equals(fresh.column(name)), name
