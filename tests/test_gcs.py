@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -145,3 +146,17 @@ def test_a_scheduled_run_on_gcs_reuses_its_baseline_on_gcs(remote, gcs_bucket):
     assert manifest["records_reused"] == 8 and manifest["records_changed"] == 4 and manifest["records_explained"] == 4
     for name in table.schema.names:
         assert table.column(name).equals(fresh.column(name)), name
+
+
+def test_compare_of_two_runs_on_gcs_writes_its_page_to_gcs(remote, gcs_bucket):
+    from pipelines import compare
+
+    output = f"{gcs_bucket}/scheduled"
+    if not storage.exists(f"{output}/run_id=tuesday/_MANIFEST.json"):
+        pytest.skip("needs the scheduled runs of the test above")
+    out = f"{gcs_bucket}/pages/compare"
+    assert compare.main([f"{output}/run_id=monday", f"{output}/run_id=tuesday", "--out", out, "--top", "3"]) == 0
+    page = _read(f"{out}/index.html").decode("utf-8")
+    images = [name[len(out) + 1:] for name in storage.files_under(out) if name.endswith(".png")]
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sources and set(sources) <= set(images)  # every image the page shows is there, on gs://
