@@ -51,7 +51,7 @@ def test_a_run_logs_progress_lines_with_counts_and_eta(tmp_path, caplog):
     model = helpers.save_tiny_cnn(str(tmp_path), size=16, classes=3)
     caplog.set_level(logging.INFO, logger="transforms.progress")
     caplog.set_level(logging.INFO, logger="pipelines.smoothgrad_audit")
-    smoothgrad_audit.run(["--input", str(tmp_path / "data" / "*.tfrecord"), "--output", str(tmp_path / "out"),
+    result = smoothgrad_audit.run(["--input", str(tmp_path / "data" / "*.tfrecord"), "--output", str(tmp_path / "out"),
                           "--model", model, "--run_id", "progress", "--samples", "2", "--batch_size", "4",
                           "--progress_seconds", "0.05"])
     assert len(paths) == 2
@@ -66,6 +66,8 @@ def test_a_run_logs_progress_lines_with_counts_and_eta(tmp_path, caplog):
     assert done == sorted(done) and done[-1] <= 13
     assert all(int(match.group(4)) + int(match.group(5)) == count for match, count in zip(figures, done))
     assert messages[-1].startswith("Done: 13 records read, 12 explained")
+    gauges = result.metrics().query()["gauges"]
+    assert [item.committed.value for item in gauges if item.key.metric.name == "records_expected"] == [13]
     assert Progress._runs.get(os.path.join(str(tmp_path / "out"), "run_id=progress")) is None  # finished
 
 

@@ -180,6 +180,11 @@ class CountProgress:
             self._progress = Progress.of(self.settings)
             self._progress.start()
 
+    def publish_expected(self) -> None:
+        """Sets the ``records_expected`` gauge (a Beam metric) when the total is known; call it per bundle."""
+        if self.settings is not None and self.settings.expected is not None:
+            Metrics.gauge(NAMESPACE, "records_expected").set(self.settings.expected)
+
     def add(self, kind: str, count: int = 1) -> None:
         """Counts records (see :meth:`Progress.add`)."""
         if self._progress is not None:
@@ -195,8 +200,6 @@ class CountProgress:
 class ReportProgress(beam.DoFn):
     """A sink step that counts each element as one record of ``kind`` (e.g. the error rows of every stage).
 
-    Also sets the ``records_expected`` gauge when the total is known.
-
     Args:
         settings: the run's progress settings.
         kind: ``explained``, ``reused`` or ``error``.
@@ -205,16 +208,10 @@ class ReportProgress(beam.DoFn):
     def __init__(self, settings: ProgressSettings, kind: str = "error"):
         self.counter = CountProgress(settings)
         self.kind = kind
-        self.expected = Metrics.gauge(NAMESPACE, "records_expected")
 
     def setup(self):
         """Starts the run's progress in this process."""
         self.counter.setup()
-
-    def start_bundle(self):
-        """Publishes the expected total as a gauge."""
-        if self.counter.settings is not None and self.counter.settings.expected is not None:
-            self.expected.set(self.counter.settings.expected)
 
     def process(self, element):
         """Counts the element; yields nothing."""

@@ -59,6 +59,10 @@ class ToRows(beam.DoFn):
         """Starts the run's progress in this process."""
         self.progress.setup()
 
+    def start_bundle(self):
+        """Publishes the run's expected record count as a gauge."""
+        self.progress.publish_expected()
+
     def teardown(self):
         """Releases the run's progress."""
         self.progress.teardown()
