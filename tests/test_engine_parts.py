@@ -164,6 +164,22 @@ def test_split_halves_fold_the_even_and_odd_samples(name, samples, chunk):
     np.testing.assert_allclose(odd, expected(grads[:, 1::2]), rtol=1e-5, atol=1e-6)
 
 
+def test_split_halves_follow_the_global_sample_index():
+    # Samples 5, 6, 7, 8 of a run continued from sample 5: the even half is samples 6 and 8.
+    grads = np.random.default_rng(6).normal(size=(1, 4, 1, 2, 2, 1)).astype(np.float32)
+    halves = SplitHalves(get_variant("signed", "none"), offset=5)
+
+    @tf.function(autograph=False)
+    def run():
+        state = accumulate(halves, 4, 3, lambda first, size: tf.gather(tf.constant(grads), first + tf.range(size),
+                                                                       axis=1), (1, 1, 2, 2, 1))
+        return halves.finish(state, tf.zeros([1, 2, 2, 1]), 4)
+
+    _, even, odd = (part.numpy() for part in run())
+    np.testing.assert_allclose(even, grads[:, 1::2].mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(odd, grads[:, 0::2].mean(axis=1), rtol=1e-6)
+
+
 def test_get_variant_rejects_unknown():
     with pytest.raises(ValueError, match="'variant' must be one of"):
         get_variant("integrated", "mean_abs")

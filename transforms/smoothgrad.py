@@ -396,7 +396,7 @@ class SmoothGrad:
 
         shape = (batch, k, height, width, channels)
         if self.reliability and samples >= 2:
-            halves = SplitHalves(self._accumulator)
+            halves = SplitHalves(self._accumulator, self.sample_offset)
             maps, even, odd = halves.finish(accumulate(halves, samples, chunk, gradients, shape), images, samples)
             return maps, targets, ranks, scores, predicted, even, odd
         maps = self._accumulator.finish(accumulate(self._accumulator, samples, chunk, gradients, shape),

@@ -236,10 +236,13 @@ class SplitHalves:
 
     Args:
         accumulator: the variant's :class:`Accumulator`.
+        offset: the global index of the first sample (even and odd are global:
+            a run continued from sample 8 keeps the parity of every sample).
     """
 
-    def __init__(self, accumulator: Accumulator):
+    def __init__(self, accumulator: Accumulator, offset: int = 0):
         self.accumulator = accumulator
+        self.offset = int(offset)
 
     def start(self, *shape) -> tuple:
         """``(all, even, odd)`` initial states."""
@@ -249,7 +252,7 @@ class SplitHalves:
         """Folds one chunk whose first sample has index ``first`` (an int32 scalar tensor)."""
         every, even, odd = state
         size = grads.shape[1]
-        is_odd = tf.cast((first + tf.range(size)) % 2, tf.float32)
+        is_odd = tf.cast((first + self.offset + tf.range(size)) % 2, tf.float32)
         return (self.accumulator.add(every, grads), self.accumulator.add(even, grads, 1.0 - is_odd),
                 self.accumulator.add(odd, grads, is_odd))
 
