@@ -99,13 +99,38 @@ def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "local.yaml", "dataflow.yaml"])
 def test_shipped_configs_are_valid(name):
-    from pipelines.config import load_yaml, validate
+    from pipelines.command_line import parse_command
 
-    config = validate(load_yaml(os.path.join(REPO, "configs", name)))
+    command = parse_command(["--config", os.path.join(REPO, "configs", name)])
+    config = command.config
     assert config.samples == 20 and config.noise == 0.1 and str(config.target) == "top1"
     if name != "demo.yaml":  # the seed's settings: Xception with ImageNet weights, x/127.5 - 1
         assert config.model == "keras.applications:Xception" and config.weights == "imagenet"
         assert str(config.preprocess) == "tf"
+    if name == "dataflow.yaml":  # a GPU worker with the custom container, one shared model per GPU
+        assert config.model_copies == 1 and config.jit == "auto" and config.input[0].startswith("gs://")
+        assert "--runner=DataflowRunner" in command.beam_args
+        assert any(arg.startswith("--sdk_container_image=") for arg in command.beam_args)
+        assert "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver" \
+            in command.beam_args
+    else:
+        assert command.beam_args == []
+
+
+def test_validate_only_on_the_demo_touches_nothing(demo_run, capsys):
+    run_dir = demo_run["folder"] / "demo_output" / "run_id=demo"
+    before = {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()}
+    previous = os.getcwd()
+    os.chdir(demo_run["folder"])
+    try:
+        capsys.readouterr()
+        assert smoothgrad_audit.main(["--config", os.path.join(REPO, "configs", "demo.yaml"), "--validate_only"]) == 0
+    finally:
+        os.chdir(previous)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("INFO pipelines.validate:")]
+    assert len(lines) == 1 and "200 records" in lines[0] and "explained on CPU" in lines[0], lines
+    assert "holds a completed run: overwrite is on" in lines[0]
+    assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()} == before
 
 
 def _browser_or_skip():
