@@ -54,6 +54,7 @@ def _whole(minimum=None):
         if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
             raise _fail(key, allowed, value)
         return value
+    parse.whole_minimum = minimum
     return parse
 
 
@@ -69,6 +70,7 @@ def _number(minimum=None):
         if minimum is not None and value < minimum:
             raise _fail(key, f"a number >= {minimum}", value)
         return float(value)
+    parse.number_minimum = minimum
     return parse
 
 
@@ -83,6 +85,7 @@ def _one_of(choices):
         if value not in choices:
             raise _fail(key, f"one of {choices}", value)
         return value
+    parse.choices = tuple(choices)  # for generated parameter checks (Flex Template metadata)
     return parse
 
 
