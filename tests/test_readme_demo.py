@@ -133,6 +133,28 @@ def test_validate_only_on_the_demo_touches_nothing(demo_run, capsys):
     assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()} == before
 
 
+def test_running_at_scale_cost_table_is_what_benchmarks_cost_py_prints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cost", os.path.join(REPO, "benchmarks", "cost.py"))
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    section = _section(_readme(), "Running at scale")
+    assert cost.table() in section
+    words = " ".join(section.split())
+    assert "estimates, not measurements" in words and "vendor peaks" in words and "not quoted" in words
+
+
+def test_scheduler_body_uses_template_parameters_and_a_baseline():
+    with open(os.path.join(REPO, "templates", "flex", "scheduler-body.json"), encoding="utf-8") as handle:
+        launch = json.load(handle)["launchParameter"]
+    with open(os.path.join(REPO, "templates", "flex", "metadata.json"), encoding="utf-8") as handle:
+        names = {parameter["name"] for parameter in json.load(handle)["parameters"]}
+    assert set(launch["parameters"]) <= names and launch["parameters"]["baseline"] == "latest"
+    assert "run_id" not in launch["parameters"]  # a fixed body: the run folder takes the UTC start time
+    assert "scheduler-body.json" in _section(_readme(), "Running at scale")
+
+
 def _browser_or_skip():
     from tests import browser
 
