@@ -121,3 +121,14 @@ def test_boolean_keys_take_a_value_as_flex_templates_pass_them(dataset):
     assert parse_command([*base, "--no-overwrite"]).config.overwrite is False
     with pytest.raises(ConfigError, match="config key 'overwrite': expected true or false"):
         parse_command([*base, "--overwrite=maybe"])
+
+
+def test_a_launcher_can_return_without_waiting(dataset, tmp_path, caplog):
+    """What templates/flex/launch.py does (main(..., wait=False)); the in-process runner finishes anyway."""
+    argv = ["--input", dataset["pattern"], "--output", str(tmp_path / "out"), "--model", dataset["model"],
+            "--samples", "2", "--run_id", "submitted", "--progress_seconds", "0"]
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        assert smoothgrad_audit.run(argv, wait=False) is not None
+    messages = [record.getMessage() for record in caplog.records if record.name == "pipelines.smoothgrad_audit"]
+    assert any(message.startswith("Submitted (not waiting for the job)") for message in messages)
+    assert not any(message.startswith("Done:") for message in messages)
