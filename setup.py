@@ -37,6 +37,10 @@ setup(
             "gcp-storage-emulator>=2026.7,<2027",
             # drives Debian's chromium (not a downloaded browser) in the report's browser test
             "playwright>=1.50,<2",
+            # the packaging test builds the sdist and a wheel offline (no build isolation);
+            # the container test compares the Dockerfile's pins with the requirements above
+            "setuptools>=61",
+            "packaging>=23",
         ],
         "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
         # benchmarks/peers.py (peer SmoothGrad libraries) and the pipeline benchmark

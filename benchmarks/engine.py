@@ -96,6 +96,10 @@ def analytic_flops(model) -> int:
 
 def _build_model(name: str, image_size: int):
     keras.utils.set_random_seed(0)
+    if name == "demo":  # the demo's CNN architecture (untrained), e.g. --image-size 64
+        from pipelines.demo_model import build_model
+
+        return build_model(image_size)
     return getattr(keras.applications, name)(weights=None, input_shape=(image_size, image_size, 3))
 
 
@@ -190,7 +194,8 @@ def markdown_table(rows: list[dict], ceiling: float) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="MobileNetV2,ResNet50,Xception",
-                        help="comma-separated keras.applications names (default: %(default)s)")
+                        help="comma-separated keras.applications names, or demo (the demo's CNN) "
+                             "(default: %(default)s)")
     parser.add_argument("--samples", type=int, default=8, help="SmoothGrad N (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=2, help="engine batch size (default: %(default)s)")
     parser.add_argument("--chunk", type=int, default=None,

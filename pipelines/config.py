@@ -8,10 +8,8 @@ and what is allowed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import difflib
 import math
 import re
 from typing import Any
@@ -25,6 +23,8 @@ from transforms.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, REDUCTIONS
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._=-]+")
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
 DTYPES = ("float16", "float32")
+#: The config file key holding Beam pipeline options (not a run setting).
+BEAM_OPTIONS = "beam_options"
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,7 @@ def _fail(key: str, allowed: str, got: Any) -> ConfigError:
 # ------------------------------------------------------------------ parsers
 # Each parser takes (key, raw value) and returns the parsed value or raises ConfigError.
 def _as_bool(key, value):
+    """Parses a boolean config value (true/false, yes/no, 1/0); raises :class:`ConfigError`."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
@@ -53,6 +54,7 @@ def _whole(minimum=None):
         if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
             raise _fail(key, allowed, value)
         return value
+    parse.whole_minimum = minimum
     return parse
 
 
@@ -68,6 +70,7 @@ def _number(minimum=None):
         if minimum is not None and value < minimum:
             raise _fail(key, f"a number >= {minimum}", value)
         return float(value)
+    parse.number_minimum = minimum
     return parse
 
 
@@ -82,6 +85,7 @@ def _one_of(choices):
         if value not in choices:
             raise _fail(key, f"one of {choices}", value)
         return value
+    parse.choices = tuple(choices)  # for generated parameter checks (Flex Template metadata)
     return parse
 
 
@@ -292,71 +296,12 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(message)
-
-
-def argument_parser() -> argparse.ArgumentParser:
-    """The CLI's own options; anything it does not know goes on to Beam."""
-    parser = _OneLineParser(
-        prog="smoothgrad-audit",
-        description="SmoothGrad saliency corpus from TFRecord images, on Apache Beam. Options come "
-                    "from --config FILE.yaml and the flags below (flags win); any other flag "
-                    "(--runner, --direct_num_workers, --project, --region, --temp_location, ...) "
-                    "is passed to Beam. Without --runner, the in-process Beam runner is used. "
-                    "Sub-commands for finished runs: 'smoothgrad-audit report RUN_DIR' (an HTML "
-                    "audit report) and 'smoothgrad-audit compare RUN_A RUN_B' (two runs side by side).",
-        argument_default=argparse.SUPPRESS,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", help="YAML file with a flat mapping of the keys below.")
-    for field in dataclasses.fields(Config):
-        help_text = field.metadata["help"] + f" (default: {show_default(field.default)})"
-        if field.type in ("bool", bool):
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, help=help_text)
-            if "_" in field.name:
-                parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
-                                    action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
-        elif field.name == "input":
-            parser.add_argument("--input", action="extend", nargs="+", help=help_text)
-        else:
-            parser.add_argument(f"--{field.name}", help=help_text)
-    return parser
-
-
-def unknown_beam_arguments(beam_args: list[str]) -> list[str]:
-    """The arguments that no Beam pipeline option (of any runner) accepts."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    captured = []
-    PipelineOptions(beam_args).get_all_options(add_extra_args_fn=captured.append)
-    return captured[0].parse_known_args(beam_args)[1]
-
-
-def _reject_unknown(beam_args: list[str], parser: argparse.ArgumentParser) -> None:
-    unknown = unknown_beam_arguments(beam_args)
-    if not unknown:
-        return
-    first = unknown[0]
-    ours = [option for action in parser._actions for option in action.option_strings]
-    close = difflib.get_close_matches(first.split("=", 1)[0], ours, n=1)
-    hint = f" Did you mean {close[0]}?" if close else ""
-    what = f"unknown option {first!r}" if first.startswith("-") else f"unexpected argument {first!r}"
-    raise ConfigError(f"{what}: neither a smoothgrad-audit option (see --help) nor a Beam pipeline option.{hint}")
-
-
 def parse(argv: list[str]) -> tuple[Config, list[str]]:
-    """Parses the command line: returns the validated config and Beam's arguments."""
-    parser = argument_parser()
-    known, beam_args = parser.parse_known_args(argv)
-    _reject_unknown(beam_args, parser)
-    raw = load_yaml(known.config) if getattr(known, "config", None) else {}
-    flags = {key: value for key, value in vars(known).items() if key != "config"}
-    if "input" in flags:
-        flags["input"] = [part.strip() for item in flags["input"] for part in item.split(",") if part.strip()]
-    for key, value in flags.items():
-        if isinstance(value, str) and value.lower() in ("null", "~"):
-            flags[key] = None
-    raw.update(flags)
-    return validate(raw), beam_args
+    """Parses the command line: returns the validated config and Beam's arguments.
+
+    See :func:`pipelines.command_line.parse_command`, which also reports ``--validate_only``.
+    """
+    from pipelines.command_line import parse_command
+
+    command = parse_command(argv)
+    return command.config, command.beam_args

@@ -27,7 +27,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 from pipelines.baseline import Baseline, fingerprint
 from pipelines.baseline import resolve as resolve_baseline
-from pipelines.config import Config, ConfigError, parse
+from pipelines.command_line import parse_command
+from pipelines.config import Config, ConfigError
 from transforms import corpus, postprocess, storage
 from transforms import schema as corpus_schema
 from transforms.baseline import UseBaseline
@@ -42,7 +43,9 @@ from transforms.rows import RowSettings, ToRows
 from transforms.sanity import run_sanity_checks
 from transforms.smoothgrad import SmoothGrad
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: under ``python -m pipelines.smoothgrad_audit`` __name__ is "__main__", whose
+# INFO lines the CLI would not show.
+logger = logging.getLogger("pipelines.smoothgrad_audit")
 
 # Beam's DirectRunner first tries to download the Prism runner; without a
 # --runner we use the in-process engine that DirectRunner falls back to.
@@ -68,6 +71,23 @@ def _check_inputs(config: Config) -> None:
                        len(clashing), clashing[0])
 
 
+def check_run_dir(config: Config) -> tuple[str, bool]:
+    """Checks ``output`` without changing anything; returns the run folder and whether it holds a completed run.
+
+    Raises :class:`ConfigError` when ``output`` is a file, or the folder holds a
+    completed run and ``overwrite`` is off.
+    """
+    output = config.output.rstrip("/") or "/"
+    if not storage.is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"config key 'output': {output!r} is a file; a folder is needed.")
+    run_dir = FileSystems.join(output, f"run_id={config.run_id}")
+    completed = FileSystems.exists(FileSystems.join(run_dir, corpus.MANIFEST))
+    if completed and not config.overwrite:
+        raise ConfigError(f"config key 'run_id': {run_dir} already holds a completed run; "
+                          "choose another run_id or pass --overwrite.")
+    return run_dir, completed
+
+
 def prepare_run_dir(config: Config) -> str:
     """Checks ``output`` and returns an empty ``OUTPUT/run_id=<RUN_ID>`` folder.
 
@@ -76,15 +96,7 @@ def prepare_run_dir(config: Config) -> str:
     folder is deleted by name, so on an object store (where a folder is only a
     name prefix) no stale shard survives either.
     """
-    output = config.output.rstrip("/") or "/"
-    if not storage.is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
-        raise ConfigError(f"config key 'output': {output!r} is a file; a folder is needed.")
-    run_dir = FileSystems.join(output, f"run_id={config.run_id}")
-    manifest = FileSystems.join(run_dir, corpus.MANIFEST)
-    completed = FileSystems.exists(manifest)
-    if completed and not config.overwrite:
-        raise ConfigError(f"config key 'run_id': {run_dir} already holds a completed run; "
-                          "choose another run_id or pass --overwrite.")
+    run_dir, completed = check_run_dir(config)
     removed = storage.clear_folder(run_dir)
     if removed:
         logger.info("Removed %d file(s) of %s from %s.", removed,
@@ -242,17 +254,27 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                                                   config.num_shards, mask_columns=mask_columns))
 
 
-def run(argv=None, save_main_session=True, test_pipeline=None):
-    """Runs one audit; returns the Beam ``PipelineResult``.
+def run(argv=None, save_main_session=True, test_pipeline=None, wait=True):
+    """Runs one audit; returns the Beam ``PipelineResult`` (None with ``--validate_only``).
+
+    With ``--validate_only`` it only checks (:func:`pipelines.validate.check_run`)
+    and returns None. ``wait=False`` returns once the job is submitted (a Flex
+    Template launcher must not wait for the job).
 
     Raises :class:`ConfigError` (one line) for any mistake found before start.
     """
-    config, beam_args = parse(list(sys.argv[1:] if argv is None else argv))
-    return run_config(config, beam_args, save_main_session=save_main_session, test_pipeline=test_pipeline)
+    command = parse_command(list(sys.argv[1:] if argv is None else argv))
+    if command.validate_only:
+        from pipelines.validate import check_run
+
+        check_run(command.config, command.beam_args)
+        return None
+    return run_config(command.config, command.beam_args, save_main_session=save_main_session,
+                      test_pipeline=test_pipeline, wait=wait)
 
 
-def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeline=None):
-    """Runs one audit from a validated :class:`Config` and Beam arguments."""
+def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeline=None, wait=True):
+    """Runs one audit from a validated :class:`Config` and Beam arguments (see :func:`run` for ``wait``)."""
     started_at = corpus.now_utc()
     planned = plan(config)
     baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk))
@@ -268,6 +290,9 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
     logger.info("Writing the corpus to %s%s", run_dir, f" ({expected:,} input records)" if expected is not None else "")
     try:
         result = pipeline.run()
+        if not wait:
+            logger.info("Submitted (not waiting for the job): the corpus and its manifest will be in %s.", run_dir)
+            return result
         result.wait_until_finish()
     finally:
         Progress.finish(run_dir)
@@ -293,10 +318,11 @@ def _log_summary(run_dir: str) -> None:
 SUBCOMMANDS = {"report": "pipelines.report", "compare": "pipelines.compare"}
 
 
-def main(argv=None) -> int:
+def main(argv=None, wait=True) -> int:
     """Console entry point: one clear line and exit status 2 for user mistakes.
 
-    ``smoothgrad-audit --config FILE [--key value ...]`` runs an audit;
+    ``smoothgrad-audit --config FILE [--key value ...]`` runs an audit
+    (``--validate_only``: only checks it; ``wait=False``: returns once submitted);
     ``smoothgrad-audit report RUN_DIR`` and ``smoothgrad-audit compare RUN_A RUN_B``
     look at finished runs.
     """
@@ -313,7 +339,7 @@ def main(argv=None) -> int:
     for name in ("pipelines", "transforms"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        run(argv)
+        run(argv, wait=wait)
     except ConfigError as error:
         print(f"smoothgrad-audit: error: {error}", file=sys.stderr)
         return 2

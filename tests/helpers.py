@@ -60,3 +60,29 @@ def save_tiny_cnn(folder: str, **kwargs) -> str:
     path = os.path.join(folder, "tiny.keras")
     tiny_cnn(**kwargs).save(path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port that was free on localhost a moment ago."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process, what: str, seconds: float = 60.0) -> None:
+    """Waits until ``process`` (a ``subprocess.Popen``) listens on ``port``; raises RuntimeError naming ``what``."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
+        try:
+            with socket.create_connection(("localhost", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on port {port} within {seconds:.0f} s")

@@ -99,13 +99,60 @@ def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "local.yaml", "dataflow.yaml"])
 def test_shipped_configs_are_valid(name):
-    from pipelines.config import load_yaml, validate
+    from pipelines.command_line import parse_command
 
-    config = validate(load_yaml(os.path.join(REPO, "configs", name)))
+    command = parse_command(["--config", os.path.join(REPO, "configs", name)])
+    config = command.config
     assert config.samples == 20 and config.noise == 0.1 and str(config.target) == "top1"
     if name != "demo.yaml":  # the seed's settings: Xception with ImageNet weights, x/127.5 - 1
         assert config.model == "keras.applications:Xception" and config.weights == "imagenet"
         assert str(config.preprocess) == "tf"
+    if name == "dataflow.yaml":  # a GPU worker with the custom container, one shared model per GPU
+        assert config.model_copies == 1 and config.jit == "auto" and config.input[0].startswith("gs://")
+        assert "--runner=DataflowRunner" in command.beam_args
+        assert any(arg.startswith("--sdk_container_image=") for arg in command.beam_args)
+        assert "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver" \
+            in command.beam_args
+    else:
+        assert command.beam_args == []
+
+
+def test_validate_only_on_the_demo_touches_nothing(demo_run, capsys):
+    run_dir = demo_run["folder"] / "demo_output" / "run_id=demo"
+    before = {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()}
+    previous = os.getcwd()
+    os.chdir(demo_run["folder"])
+    try:
+        capsys.readouterr()
+        assert smoothgrad_audit.main(["--config", os.path.join(REPO, "configs", "demo.yaml"), "--validate_only"]) == 0
+    finally:
+        os.chdir(previous)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("INFO pipelines.validate:")]
+    assert len(lines) == 1 and "200 records" in lines[0] and "explained on CPU" in lines[0], lines
+    assert "holds a completed run: overwrite is on" in lines[0]
+    assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()} == before
+
+
+def test_running_at_scale_cost_table_is_what_benchmarks_cost_py_prints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cost", os.path.join(REPO, "benchmarks", "cost.py"))
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    section = _section(_readme(), "Running at scale")
+    assert cost.table() in section
+    words = " ".join(section.split())
+    assert "estimates, not measurements" in words and "vendor peaks" in words and "not quoted" in words
+
+
+def test_scheduler_body_uses_template_parameters_and_a_baseline():
+    with open(os.path.join(REPO, "templates", "flex", "scheduler-body.json"), encoding="utf-8") as handle:
+        launch = json.load(handle)["launchParameter"]
+    with open(os.path.join(REPO, "templates", "flex", "metadata.json"), encoding="utf-8") as handle:
+        names = {parameter["name"] for parameter in json.load(handle)["parameters"]}
+    assert set(launch["parameters"]) <= names and launch["parameters"]["baseline"] == "latest"
+    assert "run_id" not in launch["parameters"]  # a fixed body: the run folder takes the UTC start time
+    assert "scheduler-body.json" in _section(_readme(), "Running at scale")
 
 
 def _browser_or_skip():
