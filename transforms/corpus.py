@@ -179,14 +179,20 @@ class WriteCorpus(beam.PTransform):
             | "WriteErrors" >> WriteToParquetBatched(
                 FileSystems.join(self.run_dir, "errors"), schema=corpus_schema.ERRORS_SCHEMA, codec="zstd",
                 file_name_suffix=".parquet"))
+        # Each branch is counted per (kind, file) where it is produced (Beam lifts the count into the
+        # producing stage), so only per-file totals cross into the manifest's side input, never one
+        # element per record.
         counted = (
-            (records | "CountRecords" >> beam.Map(lambda record: ("record", record.source_file)),
-             errors | "CountErrors" >> beam.Map(lambda row: (f"error:{row['stage']}", row["source_file"])),
-             rows | "CountRows" >> beam.Map(lambda row: ("rows", row["source_file"])),
+            (records | "CountRecords" >> beam.Map(lambda record: ("record", record.source_file))
+                     | "RecordsPerFile" >> beam.combiners.Count.PerElement(),
+             errors | "CountErrors" >> beam.Map(lambda row: (f"error:{row['stage']}", row["source_file"]))
+                    | "ErrorsPerFile" >> beam.combiners.Count.PerElement(),
+             rows | "CountRows" >> beam.Map(lambda row: ("rows", row["source_file"]))
+                  | "RowsPerFile" >> beam.combiners.Count.PerElement(),
              rows | "FirstRows" >> beam.Filter(lambda row: row["_first"])
-                  | "CountExplained" >> beam.Map(lambda row: ("explained", row["source_file"])))
-            | "AllCounts" >> beam.Flatten()
-            | "Count" >> beam.combiners.Count.PerElement())
+                  | "CountExplained" >> beam.Map(lambda row: ("explained", row["source_file"]))
+                  | "ExplainedPerFile" >> beam.combiners.Count.PerElement())
+            | "AllCounts" >> beam.Flatten())
         quality = (rows | "QualityTotals" >> beam.CombineGlobally(_QualityTotals())) if self.mask_columns \
             else (records.pipeline | "NoQuality" >> beam.Create([None]))
         return (
