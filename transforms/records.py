@@ -253,13 +253,13 @@ class _IndexFile(beam.DoFn):
 
     def process(self, metadata):
         path = metadata.path
-        chunks = [Chunk(path)]  # read as a stream, as a whole: compressed, or not indexable
+        chunks = [Chunk(path)]  # compressed, or not indexable: the whole file, read as a stream
         if not _is_compressed(path):
             try:
                 with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
                     size = handle.seek(0, os.SEEK_END)
                     chunks = list(index_chunks(handle, path, size, self.max_records, self.max_bytes))
-            except Exception:  # noqa: BLE001 - the reader meets the same fault and reports it as today
+            except Exception:  # noqa: BLE001 - the whole-file reader meets the fault and reports it
                 chunks = [Chunk(path)]
         self.chunks.inc(len(chunks))
         yield from chunks
@@ -296,8 +296,8 @@ class _ReadChunk(beam.DoFn):
                         yield item
                     else:
                         yield self._error(item.source_file, item.record_index, item.error)
-                    if not whole:
-                        next_index = item.record_index + 1 if item.record_index is not None else None
+                    if not whole and item.record_index is not None:
+                        next_index = item.record_index + 1
             except Exception as error:  # noqa: BLE001 - e.g. a bad gzip stream, a lost connection
                 rest = "" if whole else (f" (records {next_index} to {chunk.first_index + chunk.count - 1} "
                                          "unread)")
@@ -310,8 +310,8 @@ class IndexFiles(beam.PTransform):
     An uncompressed file becomes chunks of at most ``chunk_records`` records and
     ``chunk_bytes`` bytes (:func:`index_chunks`); a compressed file, or one
     whose index pass fails (e.g. it cannot be opened), is one whole-file chunk
-    read as today, so its reader reports the fault. Counts the chunks in the
-    ``read_chunks`` metric.
+    read as a stream from its start, so that its reader reports the fault as
+    for any whole file. Counts the chunks in the ``read_chunks`` metric.
     """
 
     def __init__(self, chunk_records: int | None = None, chunk_bytes: int | None = None):
