@@ -33,7 +33,9 @@ Commands (from the repository root; needs psutil)::
     # a check that everything runs (a minute or two; not a measurement):
     python benchmarks/memory.py --png64 200,800 --jpeg224 100,400
 
-What is measured: peak RSS and wall time of the whole CLI. What is not:
+What is measured: peak RSS, wall time and CPU time (user + system, from
+``wait4``; less sensitive than wall time to other work on a shared machine) of
+the whole CLI. What is not:
 Dataflow, several worker processes, real photographs or trained models, any
 SmoothGrad setting but N=1 (the engine's own memory does not depend on the
 record count). Wall times on a shared machine are indicative; compare the
@@ -127,14 +129,15 @@ def run_tree(tree: Path, data: Path, output: Path, model: Path, batch: int, run_
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=tree, env=env)
         sampler = TreeSampler(process.pid, interval)
         sampler.start()
-        returncode = process.wait()
+        _, status, usage = os.wait4(process.pid, 0)  # with the CPU time the tree's waited-for processes used
         wall = time.perf_counter() - start
+        process.returncode = returncode = os.waitstatus_to_exitcode(status)
         sampler.stop()
     if returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"exit status {returncode}: {shlex.join(command)} (in {tree})\n{tail}")
-    return {"command": command, "wall_s": wall, "peak_rss_bytes": sampler.peak_rss,
-            "max_processes": sampler.max_processes}
+    return {"command": command, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_bytes": sampler.peak_rss, "max_processes": sampler.max_processes}
 
 
 def _commit(tree: Path) -> str:
@@ -152,22 +155,24 @@ def summarise(runs: list[dict]) -> list[dict]:
             pick = {records: [run for run in mine if run["records"] == records] for records in (r1, r2)}
             peak = {records: max(run["peak_rss_bytes"] for run in chosen) / MIB for records, chosen in pick.items()}
             wall = {records: statistics.median(run["wall_s"] for run in chosen) for records, chosen in pick.items()}
+            cpu = {records: statistics.median(run["cpu_s"] for run in chosen) for records, chosen in pick.items()}
             rows.append({"case": case, "tree": tree, "r1": r1, "r2": r2, "peak_mib_r1": peak[r1],
                          "peak_mib_r2": peak[r2], "ratio": peak[r2] / peak[r1],
                          "kib_per_record": (peak[r2] - peak[r1]) * 1024 / (r2 - r1),
-                         "wall_s_r1": wall[r1], "wall_s_r2": wall[r2],
+                         "wall_s_r1": wall[r1], "wall_s_r2": wall[r2], "cpu_s_r2": cpu[r2],
                          "walls_r2": [round(run["wall_s"], 1) for run in pick[r2]], "runs": len(mine)})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| case | code | R1 → R2 | peak RSS R1 MiB | peak RSS R2 MiB | R2 ÷ R1 | KiB per extra record | "
-             "wall s R1 | wall s R2 (runs) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "wall s R1 | wall s R2 (runs) | CPU s R2 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['case']} | {row['tree']} | {row['r1']:,} → {row['r2']:,} | {row['peak_mib_r1']:.0f} | "
                      f"{row['peak_mib_r2']:.0f} | {row['ratio']:.2f} | {row['kib_per_record']:.1f} | "
-                     f"{row['wall_s_r1']:.1f} | {row['wall_s_r2']:.1f} ({', '.join(map(str, row['walls_r2']))}) |")
+                     f"{row['wall_s_r1']:.1f} | {row['wall_s_r2']:.1f} ({', '.join(map(str, row['walls_r2']))}) | "
+                     f"{row['cpu_s_r2']:.0f} |")
     return "\n".join(lines)
 
 
@@ -235,7 +240,8 @@ def main(argv=None) -> list[dict]:
                         check_manifest(workdir / "out" / f"run_id={run_id}", records)
                         shutil.rmtree(workdir / "out" / f"run_id={run_id}", ignore_errors=True)
                         runs.append({"case": case, "tree": name, "records": records, "repeat": repeat, **measured})
-                        print(f"  {name:>8} R={records:>6,}: {measured['wall_s']:6.1f} s, peak RSS "
+                        print(f"  {name:>8} R={records:>6,}: {measured['wall_s']:6.1f} s "
+                              f"({measured['cpu_s']:.0f} s CPU), peak RSS "
                               f"{measured['peak_rss_bytes'] / MIB:6.0f} MiB", flush=True)
                 shutil.rmtree(data, ignore_errors=True)
     finally:
