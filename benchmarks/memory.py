@@ -165,6 +165,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The result rows as a markdown table (the one RESULTS.md shows)."""
     lines = ["| case | code | R1 → R2 | peak RSS R1 MiB | peak RSS R2 MiB | R2 ÷ R1 | KiB per extra record | "
              "wall s R1 | wall s R2 (runs) | CPU s R2 |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -194,6 +195,7 @@ def _trees(text: str) -> dict[str, Path]:
 
 
 def parse_args(argv=None):
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="png64,jpeg224", help="comma-separated: png64, jpeg224 (default: both)")
     parser.add_argument("--png64", type=_counts, default=CASES["png64"]["records"], help="R1,R2 (default 5000,40000)")
@@ -210,6 +212,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
+    """Writes the datasets, runs every tree on each, prints the table; returns its rows."""
     args = parse_args(argv)
     cases = [case.strip() for case in args.cases.split(",") if case.strip()]
     unknown = sorted(set(cases) - set(CASES))
