@@ -213,7 +213,9 @@ class Config:
     overwrite: bool = _field(False, "Replace a completed run with the same run_id.", _as_bool)
     max_image_pixels: int = _field(40_000_000, "Images with more pixels are sent to errors "
                                                "(decompression-bomb guard).", _whole(1))
-    num_shards: int = _field(0, "Saliency Parquet shards (0 = let the runner decide).", _whole(0))
+    num_shards: int = _field(0, "Saliency Parquet shards (0 = let the runner decide: one file per bundle). "
+                                "A fixed count makes Beam group every row, maps included, by its shard: "
+                                "held in memory on the local runner, a shuffle on Dataflow.", _whole(0))
     sanity_records: int = _field(0, "Records (chosen by key hash) on which to run the sanity checks "
                                     "(model randomisation, split-half convergence) into the manifest; 0 = off.",
                                  _whole(0))

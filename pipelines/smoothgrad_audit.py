@@ -234,7 +234,7 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
     explained = decoded.examples | "SmoothGrad" >> RunInference(
         SmoothGradModelHandler(explain_settings, config.batch_size, model_copies=config.model_copies))
     rows = explained | "ToRows" >> beam.ParDo(ToRows(row_settings, progress)).with_outputs(ERRORS, main="rows")
-    all_rows = rows.rows if carried is None else (rows.rows, carried) | "AllRows" >> beam.Flatten()
+    all_rows = rows.rows if carried is None else {"": rows.rows, "Reused": carried}  # written apart
     jit_used = explained | "JitUsed" >> beam.FlatMap(lambda result: [result.jit_used] if result.jit_used else [])
     errors = (read_errors, decoded[ERRORS], rows[ERRORS]) | "AllErrors" >> beam.Flatten()
     if progress is not None:

@@ -160,3 +160,36 @@ def test_compare_of_two_runs_on_gcs_writes_its_page_to_gcs(remote, gcs_bucket):
     images = [name[len(out) + 1:] for name in storage.files_under(out) if name.endswith(".png")]
     sources = re.findall(r'<img src="([^"]+)"', page)
     assert sources and set(sources) <= set(images)  # every image the page shows is there, on gs://
+
+def test_records_on_gcs_are_read_in_chunks_of_one_ranged_request_each(remote, gcs_bucket, monkeypatch):
+    """The index pass streams through the file once; each chunk is then one request for its own bytes."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.util import assert_that, equal_to
+    from google.cloud.storage import Blob
+
+    from transforms.records import Record, ReadTFRecords, read_records
+
+    local = str(remote["folder"] / "chunked.tfrecord")
+    helpers.write_tfrecords(local, [bytes([index]) * (1000 + 37 * index) for index in range(40)])
+    path = _upload(local, f"{gcs_bucket}/datasets/chunked/part.tfrecord")
+    with open(local, "rb") as handle:
+        expected = [Record(path, item.record_index, item.data, item.offset) for item in read_records(handle, local)]
+    fetched = []
+    original = Blob.download_as_bytes
+
+    def recording(self, *args, **kwargs):
+        data = original(self, *args, **kwargs)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(Blob, "download_as_bytes", recording)
+    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
+        records, errors = pipeline | ReadTFRecords([path], chunk_records=8)
+        assert_that(records, equal_to(expected), label="Records")
+        assert_that(errors, equal_to([]), label="Errors")
+    size = os.path.getsize(local)
+    # one request for the index pass (the file is smaller than Beam's 16 MiB read-ahead), one per chunk;
+    # Beam's default read-ahead would fetch the rest of the file for every chunk (about 3 x the file here)
+    assert len(fetched) == 1 + 5
+    assert sum(fetched) <= 2 * size + 5

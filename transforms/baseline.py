@@ -201,7 +201,7 @@ class ReReadRecords(beam.DoFn):
         try:
             with FileSystems.open(seen.source_file, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
                 handle.seek(seen.offset)
-                item = next(read_records(handle, seen.source_file), None)
+                item = next(read_records(handle, seen.source_file, seen.record_index, seen.offset, 1), None)
         except Exception as error:  # noqa: BLE001 - the file went away between the two reads
             item, problem = None, f"cannot read it again: {type(error).__name__}: {error}"
         if isinstance(item, Record) and item.sha256() == seen.sha256:

@@ -179,14 +179,31 @@ class WriteCorpus(beam.PTransform):
     def expand(self, inputs):
         """Adds the write steps; returns the PCollection of the manifest's path."""
         records, rows, errors, jit_used, sanity, outcomes = inputs
+        # Rows made in different stages (explained; carried over from a baseline) are written by a sink each,
+        # in their own stage, so no flatten makes them cross a stage boundary.
+        branches = rows if isinstance(rows, dict) else {"": rows}
         saliency_schema = self.saliency_schema
-        saliency_files = (
-            rows
-            | "SaliencyTables" >> _Tables(lambda batch: corpus_schema.saliency_table(batch, saliency_schema),
-                                          corpus_schema.rows_per_group(saliency_schema))
-            | "WriteSaliency" >> WriteToParquetBatched(
-                FileSystems.join(self.run_dir, "saliency"), schema=saliency_schema, codec="zstd",
-                file_name_suffix=".parquet", num_shards=self.num_shards))
+        saliency_files, counts, quality_parts = [], [], []
+        for name, branch in branches.items():
+            saliency_files.append(
+                branch
+                | f"SaliencyTables{name}" >> _Tables(lambda batch: corpus_schema.saliency_table(batch, saliency_schema),
+                                                     corpus_schema.rows_per_group(saliency_schema))
+                | f"WriteSaliency{name}" >> WriteToParquetBatched(
+                    FileSystems.join(self.run_dir, "saliency" + (f"-{name.lower()}" if name else "")),
+                    schema=saliency_schema, codec="zstd", file_name_suffix=".parquet", num_shards=self.num_shards))
+            # Each branch is counted per (kind, file) where it is produced (Beam lifts the count into the
+            # producing stage), so only per-file totals cross into the manifest's side input, never one
+            # element per record.
+            counts += [
+                branch | f"CountRows{name}" >> beam.Map(lambda row: ("rows", row["source_file"]))
+                       | f"RowsPerFile{name}" >> beam.combiners.Count.PerElement(),
+                branch | f"FirstRows{name}" >> beam.Filter(lambda row: row["_first"])
+                       | f"CountExplained{name}" >> beam.Map(
+                           lambda row: ("reused" if row.get("_reused") else "explained", row["source_file"]))
+                       | f"ExplainedPerFile{name}" >> beam.combiners.Count.PerElement()]
+            if self.mask_columns:
+                quality_parts.append(branch | f"QualityTotals{name}" >> beam.CombineGlobally(_QualityTotals()))
         error_files = (
             errors
             | "ErrorTables" >> _Tables(corpus_schema.errors_table, 50_000)
@@ -194,16 +211,20 @@ class WriteCorpus(beam.PTransform):
                 FileSystems.join(self.run_dir, "errors"), schema=corpus_schema.ERRORS_SCHEMA, codec="zstd",
                 file_name_suffix=".parquet"))
         counted = (
-            (records | "CountRecords" >> beam.Map(lambda record: ("record", record.source_file)),
-             errors | "CountErrors" >> beam.Map(lambda row: (f"error:{row['stage']}", row["source_file"])),
-             rows | "CountRows" >> beam.Map(lambda row: ("rows", row["source_file"])),
-             rows | "FirstRows" >> beam.Filter(lambda row: row["_first"])
-                  | "CountExplained" >> beam.Map(
-                      lambda row: ("reused" if row.get("_reused") else "explained", row["source_file"])))
-            | "AllCounts" >> beam.Flatten()
-            | "Count" >> beam.combiners.Count.PerElement())
-        quality = (rows | "QualityTotals" >> beam.CombineGlobally(_QualityTotals())) if self.mask_columns \
-            else (records.pipeline | "NoQuality" >> beam.Create([None]))
+            [records | "CountRecords" >> beam.Map(lambda record: ("record", record.source_file))
+                     | "RecordsPerFile" >> beam.combiners.Count.PerElement(),
+             errors | "CountErrors" >> beam.Map(lambda row: (f"error:{row['stage']}", row["source_file"]))
+                    | "ErrorsPerFile" >> beam.combiners.Count.PerElement()] + counts
+            | "AllCounts" >> beam.Flatten())
+        if not quality_parts:
+            quality = records.pipeline | "NoQuality" >> beam.Create([None])
+        elif len(quality_parts) == 1:
+            quality = quality_parts[0]
+        else:
+            quality = (quality_parts | "QualityParts" >> beam.Flatten()
+                       | "QualitySum" >> beam.CombineGlobally(lambda parts: tuple(map(sum, zip(*parts))) or (0.0, 0, 0)))
+        saliency_files = saliency_files[0] if len(saliency_files) == 1 \
+            else saliency_files | "SaliencyFiles" >> beam.Flatten()
         return (
             records.pipeline
             | "ManifestTrigger" >> beam.Create([None])
