@@ -19,7 +19,6 @@ from tests import helpers
 from tests.test_faults import faulty  # noqa: F401 - the fault dataset, reused with a baseline
 from transforms.records import encode_record
 
-RUN_SPECIFIC = ("source_file",)  # where a record is differs when its file was renamed; compared separately
 
 
 def _write(path, records):
