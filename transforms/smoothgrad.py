@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Sequence
@@ -47,6 +46,7 @@ from transforms.errors import bad_option
 from transforms.jit import JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers
 from transforms.noise import NOISE_MODES, key_seed, sample_seeds, sigma_per_image, standard_normal
 from transforms.precision import PRECISIONS, with_precision
+from transforms.result import SmoothGradResult
 from transforms.reductions import REDUCTIONS
 from transforms.scores import score_function
 from transforms.targets import TARGET_FORMS, Target
@@ -58,35 +58,6 @@ __all__ = ["SmoothGrad", "SmoothGradResult",  # and, re-exported for callers:
            "choose_jit", "score_function", "has_xla_slow_layers"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class SmoothGradResult:
-    """What one call of :class:`SmoothGrad` returns (numpy arrays).
-
-    Attributes:
-        maps: ``[B, H, W]`` (``[B, K, H, W]`` for ``topk:K``; a trailing channel
-            axis when ``reduce="none"``), float32, raw (not normalised).
-        targets: explained class per map, int32 ``[B]`` (``[B, K]`` for topk).
-        target_ranks: rank of each target among the clean scores (0 = top).
-        scores: score of each target on the clean input (pre-softmax when
-            ``logits=True``), float32, same shape as ``targets``.
-        predicted: clean top-1 class, int32 ``[B]``.
-        noise_sigma: the σ used for each image, float32 ``[B]``.
-        reliability: the split-half reliability of each map (Spearman rank
-            correlation of the even- and odd-sample half-maps), float32, same
-            shape as ``targets``; NaN where it cannot be measured (N < 2, a
-            constant half-map); None when the explainer was built with
-            ``reliability=False``.
-    """
-
-    maps: np.ndarray
-    targets: np.ndarray
-    target_ranks: np.ndarray
-    scores: np.ndarray
-    predicted: np.ndarray
-    noise_sigma: np.ndarray
-    reliability: np.ndarray | None = None
 
 
 def _is_whole(value, minimum: int | None = None) -> bool:
