@@ -1,0 +1,152 @@
+"""Adaptive samples (``samples="auto"``) against fixed N, with the real engine, on two models.
+
+For each model (``demo`` and the grating model of ``benchmarks/second_task.py``)
+and its validation images (test images ``--images // 2`` to ``--images - 1``,
+the half ``benchmarks/adaptive_calibration.py`` did not fit its rule on):
+
+* the reference map of each image: the mean of ``--reference`` (512) samples;
+* fixed N for every N of a fine grid (every even N from 4 to 64, then every 8
+  to 128): the share of maps whose Spearman rank correlation with the
+  reference reaches ``--target`` (0.95);
+* adaptive: ``SmoothGrad(model, samples="auto", target_reliability=0.95,
+  min_samples=8, max_samples=64, ...)``: its mean ``samples_used`` and share;
+* the gain: the smallest fixed N of the grid reaching the adaptive share,
+  divided by the adaptive mean samples per image;
+* the check that an adaptive map **is** the fixed-N map with N = its
+  ``samples_used`` (max abs difference over every image whose samples_used is
+  on the grid, and ``--check-keys`` of them explained again alone).
+
+Rows of the printed table: fixed N = 10, 20, 30, 50 and adaptive, with the
+seconds of a warm call (the first call of each explainer compiles; it is not
+timed). All explainers use ``noise=0.1`` (absolute), ``batch_size=16``,
+``jit="graph"``. The JSON goes to ``--out`` (``benchmarks/adaptive.json``).
+
+Example (from the repository root; about 10-15 minutes on 2 CPU cores)::
+
+    python benchmarks/second_task.py
+    python benchmarks/adaptive.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+
+from adaptive_calibration import GRID, load_model_images  # noqa: E402
+
+ROWS = (10, 20, 30, 50)
+
+
+def agreements(maps, reference) -> np.ndarray:
+    from transforms.statistics import rank_correlation
+
+    return np.array([rank_correlation(m, r) for m, r in zip(maps, reference)])
+
+
+def timed(explainer, images, keys):
+    """``(result, seconds)`` of one call, after an untimed warm-up call on the first batch (it compiles)."""
+    explainer(images[:explainer.batch_size], keys[:explainer.batch_size])
+    started = time.perf_counter()
+    result = explainer(images, keys)
+    return result, time.perf_counter() - started
+
+
+def run_model(name: str, args) -> dict:
+    from transforms.smoothgrad import SmoothGrad
+
+    model, images, keys = load_model_images(name, args.images, args.demo_data)
+    images, keys = images[args.images // 2:], keys[args.images // 2:]
+    common = dict(noise=0.1, batch_size=16, jit="graph")
+    reference = SmoothGrad(model, samples=args.reference, reliability=False, **common)(images, keys).maps
+    adaptive, adaptive_seconds = timed(SmoothGrad(
+        model, samples="auto", target_reliability=args.target_reliability, min_samples=args.min_samples,
+        max_samples=args.max_samples, **common), images, keys)
+    used = np.asarray(adaptive.samples_used)
+    adaptive_ok = agreements(adaptive.maps, reference) >= args.target
+    share = float(adaptive_ok.mean())
+    fixed_share, seconds, difference, compared = {}, {}, 0.0, 0
+    for samples in sorted(set(GRID) | set(ROWS)):
+        explainer = SmoothGrad(model, samples=samples, reliability=False, **common)
+        if samples in ROWS:
+            result, seconds[samples] = timed(explainer, images, keys)
+        else:
+            result = explainer(images, keys)
+        fixed_share[samples] = float(np.mean(agreements(result.maps, reference) >= args.target))
+        same = used == samples
+        if same.any():
+            difference = max(difference, float(np.abs(result.maps[same] - adaptive.maps[same]).max()))
+            compared += int(same.sum())
+        print(f"{name} fixed N={samples}: share {fixed_share[samples]:.3f}", flush=True)
+    alone = []
+    for index in np.unique(used, return_index=True)[1][:args.check_keys]:  # one image per distinct samples_used
+        single = SmoothGrad(model, samples=int(used[index]), reliability=False, **common)(
+            images[index:index + 1], keys[index:index + 1]).maps[0]
+        alone.append({"key": keys[index], "samples_used": int(used[index]),
+                      "max_abs_diff": float(np.abs(single - adaptive.maps[index]).max())})
+    reaching = [n for n in sorted(fixed_share) if fixed_share[n] >= share - 1e-12]
+    smallest = reaching[0] if reaching else None
+    return {
+        "images": len(keys), "keys": f"{keys[0]}..{keys[-1]}",
+        "adaptive": {"mean_samples": round(float(used.mean()), 2), "share": round(share, 4),
+                     "samples_used": {"min": int(used.min()), "median": int(np.median(used)),
+                                      "p90": int(np.quantile(used, 0.9, method="lower")), "max": int(used.max())},
+                     "histogram": {str(n): int(c) for n, c in zip(*np.unique(used, return_counts=True))},
+                     "seconds": round(adaptive_seconds, 2),
+                     "smallest_fixed_n_reaching_share": smallest,
+                     "gain": round(smallest / float(used.mean()), 2) if smallest else None},
+        "fixed": {str(n): {"share": round(fixed_share[n], 4),
+                           **({"seconds": round(seconds[n], 2)} if n in seconds else {})} for n in sorted(fixed_share)},
+        "same_as_fixed_n": {"images_compared": compared, "max_abs_diff": difference, "alone": alone},
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | row | mean samples / image | share ≥ 0.95 | smallest fixed N reaching it | gain "
+             "| seconds (warm) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, result in results.items():
+        for n in ROWS:
+            row = result["fixed"][str(n)]
+            lines.append(f"| {name} | fixed N={n} | {n} | {row['share']:.3f} | | | {row['seconds']:.2f} |")
+        a = result["adaptive"]
+        lines.append(f"| {name} | adaptive | {a['mean_samples']:.1f} | {a['share']:.3f} | "
+                     f"{a['smallest_fixed_n_reaching_share']} | {a['gain']} | {a['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="demo,second")
+    parser.add_argument("--images", type=int, default=192, help="test images; the second half is used")
+    parser.add_argument("--reference", type=int, default=512)
+    parser.add_argument("--target", type=float, default=0.95, help="agreement with the reference that counts")
+    parser.add_argument("--target-reliability", type=float, default=0.95)
+    parser.add_argument("--min-samples", type=int, default=8)
+    parser.add_argument("--max-samples", type=int, default=64)
+    parser.add_argument("--check-keys", type=int, default=4)
+    parser.add_argument("--demo-data", default=str(ROOT / "demo_data"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "adaptive.json"))
+    args = parser.parse_args()
+    results = {name: run_model(name, args) for name in args.models.split(",")}
+    settings = {key: value for key, value in vars(args).items() if key not in ("out", "demo_data")}
+    Path(args.out).write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
+    print(markdown(results))
+    for name, result in results.items():
+        check = result["same_as_fixed_n"]
+        print(f"{name}: adaptive map vs fixed N = samples_used, max abs diff {check['max_abs_diff']:.3g} over "
+              f"{check['images_compared']} images; alone: {[c['max_abs_diff'] for c in check['alone']]}")
+
+
+if __name__ == "__main__":
+    main()
