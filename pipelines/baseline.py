@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 #: Config keys that decide a record's map or row (besides the model): part of the fingerprint.
 MAP_KEYS = ("image_size", "resize_method", "preprocess", "image_feature", "label_feature", "id_feature",
             "raw_feature", "raw_shape", "mask_feature", "max_image_pixels",
-            "samples", "noise", "noise_mode", "variant", "reduce", "target", "logits", "batch_size", "chunk",
+            "samples", "target_reliability", "min_samples", "max_samples", "noise", "noise_mode", "variant", "reduce", "target", "logits", "batch_size", "chunk",
             "jit", "precision", "seed", "dtype", "normalize", "downsample")
 
 

@@ -74,6 +74,22 @@ def _number(minimum=None):
     return parse
 
 
+def _samples(key, value):
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _whole(1)(key, value)
+    except ConfigError:
+        raise _fail(key, "a whole number >= 1, or auto", value) from None
+
+
+def _fraction(key, value):
+    number = _number()(key, value)
+    if not 0 < number < 1:
+        raise _fail(key, "a number between 0 and 1 (exclusive)", value)
+    return number
+
+
 def _text(key, value):
     if not isinstance(value, str) or not value:
         raise _fail(key, "a non-empty string", value)
@@ -183,7 +199,15 @@ class Config:
                              _whole_list(3))
     mask_feature: str = _field(None, "Feature with an object mask PNG (non-zero = object); adds the "
                                      "mass_in_mask and pointing_hit columns.", _text)
-    samples: int = _field(20, "N, noisy samples per image (all noisy).", _whole(1))
+    samples: int | str = _field(20, "N, noisy samples per image (all noisy); or auto: each image gets as many as "
+                                    "its map needs to reach target_reliability, from min_samples to max_samples "
+                                    "(the samples_used column says how many).", _samples)
+    target_reliability: float = _field(0.95, "With samples: auto, an image stops when the estimated rank "
+                                             "correlation of its map with its converged map reaches this "
+                                             "(plus a margin that shrinks with the samples).", _fraction)
+    min_samples: int = _field(8, "With samples: auto, the samples of the first stage (>= 2).", _whole(2))
+    max_samples: int = _field(64, "With samples: auto, the most samples an image gets (>= min_samples).",
+                              _whole(2))
     noise: float = _field(0.1, "Noise level sigma (>= 0); see noise_mode.", _number(0.0))
     noise_mode: str = _field("absolute", f"One of {NOISE_MODES}: sigma in model input units, or "
                                          "sigma x (max - min) of each preprocessed image.", _one_of(NOISE_MODES))
@@ -273,6 +297,9 @@ def validate(raw: dict) -> Config:
         config.run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     if config.image_feature is None and config.raw_feature is None:
         raise ConfigError("config key 'image_feature': needs a feature name unless 'raw_feature' is set.")
+    if config.max_samples < config.min_samples:
+        raise ConfigError(f"config key 'max_samples': expected a whole number >= min_samples "
+                          f"({config.min_samples}); got {config.max_samples!r}.")
     if config.target.mode == "label" and not config.label_feature:
         raise ConfigError("config key 'target': 'label' needs 'label_feature' to name the label feature.")
     return config

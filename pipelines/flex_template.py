@@ -30,6 +30,7 @@ PATTERNS = {
     "baseline": rf"^(latest|{GCS})$",
     "run_id": rf"^{RUN_ID_PATTERN.pattern}$",
     "image_size": r"^[0-9]+([,x][0-9]+)?$",
+    "samples": r"^(auto|[0-9]+)$",
     "raw_shape": r"^[0-9]+[,x][0-9]+[,x][0-9]+$",
     "preprocess": r"^(tf|torch|caffe|unit|none|keras\.applications\.[a-z_0-9]+)$",
     "target": r"^(top1|label|class:[0-9]+|topk:[0-9]+)$",

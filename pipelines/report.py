@@ -321,7 +321,9 @@ def _tiles(run: Run, site: Site, galleries: list[Gallery]) -> list[dict]:
 
 def _histograms(run: Run, site: Site) -> list[dict]:
     shown = []
-    for name in HISTOGRAMS:
+    varying = ("samples_used",) if "samples_used" in run.table.column_names \
+        and len(set(run.values("samples_used").tolist())) > 1 else ()  # samples: auto
+    for name in HISTOGRAMS + varying:
         if name not in run.table.column_names:
             continue
         values = run.values(name)

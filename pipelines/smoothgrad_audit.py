@@ -35,6 +35,7 @@ from transforms.baseline import UseBaseline
 from transforms.decode import DecodeRecords, DecodeSettings
 from transforms.errors import ERRORS
 from transforms.explain import ExplainSettings, SmoothGradModelHandler
+from transforms.explain_stages import ExplainInStages
 from transforms.models import ModelError, ModelInfo, describe, load_model
 from transforms.noise import key_seed
 from transforms.progress import Progress, ProgressSettings, ReportProgress
@@ -158,7 +159,9 @@ def plan(config: Config) -> Plan:
     engine_args = dict(samples=config.samples, noise=config.noise, noise_mode=config.noise_mode,
                        variant=config.variant, reduce=config.reduce, target=config.target,
                        batch_size=config.batch_size, chunk=config.chunk, jit=config.jit, seed=config.seed,
-                       logits=config.logits, precision=config.precision)
+                       logits=config.logits, precision=config.precision,
+                       target_reliability=config.target_reliability, min_samples=config.min_samples,
+                       max_samples=config.max_samples)
     try:
         engine = SmoothGrad(model, **engine_args)
     except ValueError as error:
@@ -231,8 +234,12 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
     decoded = (to_explain
                | "BatchRecords" >> beam.BatchElements(min_batch_size=1, max_batch_size=DECODE_BATCH)
                | "Decode" >> beam.ParDo(DecodeRecords(decode_settings)).with_outputs(ERRORS, main="examples"))
-    explained = decoded.examples | "SmoothGrad" >> RunInference(
-        SmoothGradModelHandler(explain_settings, config.batch_size, model_copies=config.model_copies))
+    if planned.engine.adaptive is None:
+        explained = decoded.examples | "SmoothGrad" >> RunInference(
+            SmoothGradModelHandler(explain_settings, config.batch_size, model_copies=config.model_copies))
+    else:  # samples: auto, one step per stage
+        explained = decoded.examples | "SmoothGrad" >> ExplainInStages(
+            explain_settings, config.batch_size, config.model_copies, planned.engine.adaptive.boundaries)
     rows = explained | "ToRows" >> beam.ParDo(ToRows(row_settings, progress)).with_outputs(ERRORS, main="rows")
     all_rows = rows.rows if carried is None else {"": rows.rows, "Reused": carried}  # written apart
     jit_used = explained | "JitUsed" >> beam.FlatMap(lambda result: [result.jit_used] if result.jit_used else [])

@@ -83,7 +83,8 @@ def _crossing(extra: list[str], folder, with_baseline: bool = False) -> dict[str
     return crossing
 
 
-@pytest.mark.parametrize("extra", [[], ["--sanity_records", "4", "--mask_feature", "mask"]])
+@pytest.mark.parametrize("extra", [[], ["--sanity_records", "4", "--mask_feature", "mask"],
+                                   ["--samples", "auto", "--min_samples", "4", "--max_samples", "12"]])
 def test_no_per_record_payload_crosses_a_stage_boundary(tmp_path, extra):
     crossing = _crossing(extra, tmp_path)
     unexpected = {name: kind for name, kind in crossing.items()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 
 import numpy as np
@@ -157,6 +158,22 @@ def test_model_copies_share_one_model_across_worker_processes(dataset):
     np.testing.assert_array_equal(single.column("saliency").combine_chunks().to_numpy_ndarray(),
                                   shared.column("saliency").combine_chunks().to_numpy_ndarray())
     assert _model_loads(result) == 1  # one model for the machine, not one per worker process
+
+
+def test_samples_auto_loads_one_model_for_every_stage_and_model_copies_give_the_same_corpus(dataset, caplog):
+    auto = ("--samples", "auto", "--min_samples", "2", "--max_samples", "8", "--target_reliability", "0.97")
+    with caplog.at_level(logging.INFO, logger="transforms.explain"):
+        _, manifest, single, _ = _run(dataset, "auto-single", *auto)
+    assert sum("Loaded" in record.getMessage() for record in caplog.records) == 1  # one engine, every stage
+    assert manifest["invariant_holds"] and manifest["samples_used"]["records"] == 10
+    assert manifest["samples_used"]["max"] > 2  # later stages ran
+    _, shared_manifest, shared, _ = _run(dataset, "auto-shared", *auto, "--model_copies", "1",
+                                         "--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
+    assert shared_manifest["invariant_holds"] and shared_manifest["samples_used"] == manifest["samples_used"]
+    single, shared = single.sort_by("key"), shared.sort_by("key")
+    assert single.column("samples_used").to_pylist() == shared.column("samples_used").to_pylist()
+    np.testing.assert_array_equal(single.column("saliency").combine_chunks().to_numpy_ndarray(),
+                                  shared.column("saliency").combine_chunks().to_numpy_ndarray())
 
 
 def test_flags_override_config_file(dataset, tmp_path):

@@ -214,3 +214,40 @@ def test_compare_of_two_demo_runs_with_different_samples(demo_run):
     assert all(url.startswith("file://") for url in seen["requests"])
     assert not [src for src, loaded, width in seen["images"] if not loaded or width == 0]
     assert "samples" in seen["text"] and "200" in seen["text"]
+
+
+def test_samples_auto_on_the_demo_stops_images_at_different_counts_with_the_fixed_maps(demo_run):
+    """The demo job with ``--samples auto``: per key, the stored map is the fixed-N map with N = samples_used."""
+    import glob
+
+    import keras
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from transforms.smoothgrad import SmoothGrad
+
+    folder = demo_run["folder"]
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert smoothgrad_audit.main(["--config", os.path.join(REPO, "configs", "demo.yaml"), "--samples", "auto",
+                                      "--run_id", "auto", "--sanity_records", "0"]) == 0
+    finally:
+        os.chdir(previous)
+    run_dir = folder / "demo_output" / "run_id=auto"
+    manifest = json.loads((run_dir / "_MANIFEST.json").read_text())
+    rows = pq.read_table(sorted(glob.glob(str(run_dir / "saliency-*.parquet")))).to_pylist()
+    used = np.array([row["samples_used"] for row in rows])
+    assert manifest["invariant_holds"] and len(rows) == manifest["records_read"]
+    assert len(set(used.tolist())) >= 3 and used.mean() < 64  # images stop at different stages
+    assert manifest["samples_used"]["mean"] == pytest.approx(used.mean())
+    # a set of keys: two per count; the engine's fixed-N map for each, on the decoded demo image
+    chosen = [row for n in sorted(set(used.tolist())) for row in [r for r in rows if r["samples_used"] == n][:2]]
+    split = demo.load_split(str(folder / "demo_data"), "test")  # the demo's keys are its image/id values
+    pixels = {key.decode(): image.astype(np.float32) / 127.5 - 1.0 for key, image in zip(split["id"], split["image"])}
+    model = keras.saving.load_model(str(folder / "demo_data" / "model.keras"))
+    for row in chosen:
+        fixed = SmoothGrad(model, samples=row["samples_used"], noise=0.1, batch_size=16, jit="graph",
+                           chunk=1)(pixels[row["key"]][None], [row["key"]])
+        stored = np.asarray(row["saliency"], np.float32).reshape(fixed.maps.shape[1:])
+        np.testing.assert_allclose(stored, fixed.maps[0], rtol=1e-5, atol=1e-6 * float(np.abs(stored).max()))

@@ -224,6 +224,7 @@ def _synthetic_run(folder: str, records_file: str) -> str:
             "source_file": np.where(real, records_file, os.path.join(folder, "gone.tfrecord")),
             "label": index % 10, "target": (index * 7) % 10, "target_rank": np.zeros(per_shard, int),
             "score": rng.random(per_shard), "predicted": (index * 7) % 10, "noise_sigma": np.full(per_shard, 0.1),
+            "samples_used": np.full(per_shard, 20),
             "height": np.full(per_shard, 8), "width": np.full(per_shard, 8),
         }
         columns.update({name: rng.random(per_shard) for name in schema.names if name not in columns})

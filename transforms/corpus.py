@@ -48,7 +48,8 @@ def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
     Args:
         counts: ``((kind, source_file), count)`` pairs; kind is ``record``,
             ``explained``, ``reused`` (rows carried over from a baseline),
-            ``rows`` or ``error:<stage>``.
+            ``rows``, ``error:<stage>`` or ``samples:<n>`` (records whose maps
+            took n noisy samples).
         maps_per_record: rows per explained record.
         jit_used: the compilation modes the engines ran in.
 
@@ -58,7 +59,11 @@ def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
     per_file = collections.defaultdict(lambda: {"records_read": 0, "records_explained": 0, "records_reused": 0,
                                                 "rows_written": 0,
                                                 "errors": {stage: 0 for stage in corpus_schema.STAGES}})
+    samples = collections.Counter()
     for (kind, source), count in counts:
+        if kind.startswith("samples:"):
+            samples[int(kind[8:])] += count
+            continue
         entry = per_file[source]
         if kind.startswith("error:"):
             entry["errors"][kind[6:]] += count
@@ -92,8 +97,33 @@ def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
     totals["maps_per_record"] = maps_per_record
     totals["invariant_holds"] = holds(totals) and all(entry["invariant_holds"] for entry in per_file.values())
     totals["jit_used"] = sorted(set(jit_used))
+    totals["samples_used"] = samples_distribution(samples)
     totals["files"] = dict(sorted(per_file.items()))
     return totals
+
+
+def samples_distribution(samples: dict) -> dict:
+    """The ``samples_used`` figures of the manifest from ``{samples: records}``.
+
+    Example:
+        >>> samples_distribution({8: 3, 12: 1})
+        {'records': 4, 'counts': {'8': 3, '12': 1}, 'mean': 9.0, 'min': 8, 'median': 8, 'p90': 12, 'max': 12}
+    """
+    records = sum(samples.values())
+    if not records:
+        return {"records": 0, "counts": {}, "mean": None, "min": None, "median": None, "p90": None, "max": None}
+    ordered = sorted(samples.items())
+
+    def quantile(share):
+        seen = 0
+        for value, count in ordered:
+            seen += count
+            if seen >= share * records:
+                return value
+        return ordered[-1][0]
+    return {"records": records, "counts": {str(value): count for value, count in ordered},
+            "mean": sum(value * count for value, count in ordered) / records,
+            "min": ordered[0][0], "median": quantile(0.5), "p90": quantile(0.9), "max": ordered[-1][0]}
 
 
 class _WriteManifest(beam.DoFn):
@@ -105,6 +135,11 @@ class _WriteManifest(beam.DoFn):
     def process(self, _, counts, jit_used, saliency_files, error_files, quality, sanity, outcomes):
         manifest = dict(self.header)
         manifest.update(summarise(counts, self.maps_per_record, jit_used))
+        adaptive = self.header.get("smoothgrad", {}).get("adaptive")
+        if adaptive and manifest["samples_used"]["records"]:
+            used = manifest["samples_used"]
+            stopped = sum(count for value, count in used["counts"].items() if int(value) < adaptive["max_samples"])
+            used["reached_target_before_max"] = stopped / used["records"]
         if manifest.get("baseline"):
             found = dict(outcomes)
             manifest.update({f"records_{outcome}": found.get(outcome, 0) for outcome in BASELINE_OUTCOMES})
@@ -199,8 +234,9 @@ class WriteCorpus(beam.PTransform):
                 branch | f"CountRows{name}" >> beam.Map(lambda row: ("rows", row["source_file"]))
                        | f"RowsPerFile{name}" >> beam.combiners.Count.PerElement(),
                 branch | f"FirstRows{name}" >> beam.Filter(lambda row: row["_first"])
-                       | f"CountExplained{name}" >> beam.Map(
-                           lambda row: ("reused" if row.get("_reused") else "explained", row["source_file"]))
+                       | f"CountExplained{name}" >> beam.FlatMap(
+                           lambda row: [("reused" if row.get("_reused") else "explained", row["source_file"]),
+                                        (f"samples:{row['samples_used']}", row["source_file"])])
                        | f"ExplainedPerFile{name}" >> beam.combiners.Count.PerElement()]
             if self.mask_columns:
                 quality_parts.append(branch | f"QualityTotals{name}" >> beam.CombineGlobally(_QualityTotals()))

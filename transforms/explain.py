@@ -17,6 +17,9 @@ numpy in and numpy out.
 Each input example yields exactly one :class:`Explained` result: its maps, or
 the one-line reason it could not be explained. A batch that fails is retried
 record by record, so only the records at fault fail.
+
+With ``samples: auto`` the handler runs the first stage only (``stage=0``);
+:mod:`transforms.explain_stages` adds the later ones.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
+from apache_beam.utils import shared
 
 from transforms.decode import Example
 from transforms.errors import NAMESPACE, one_line
@@ -66,11 +70,14 @@ class EngineOutput:
         jit_used: the compilation mode the engine ran in (``xla`` or ``graph``).
         new_compiles: times the engine's function was traced since the previous
             output of this engine (so that summing them counts every compile once).
+        partials: with ``samples: auto``, one :class:`transforms.adaptive.Partial`
+            per image instead of ``result``.
     """
 
     result: Any
     jit_used: str
     new_compiles: int
+    partials: list | None = None
 
 
 class WorkerEngine:
@@ -110,8 +117,7 @@ class WorkerEngine:
         """
         with self._lock:
             result = self._engine(images, list(keys), targets)
-            new_compiles = self._engine.compile_count - self._compiles_reported
-            self._compiles_reported = self._engine.compile_count
+            new_compiles = self._new_compiles()
             if self._engine.target.mode != "topk":  # one class per image: add its axis
                 result = dataclasses.replace(result, maps=result.maps[:, None], targets=result.targets[:, None],
                                              target_ranks=result.target_ranks[:, None],
@@ -119,6 +125,25 @@ class WorkerEngine:
                                              reliability=None if result.reliability is None
                                              else result.reliability[:, None])
             return EngineOutput(result=result, jit_used=self._engine.jit_used, new_compiles=new_compiles)
+
+    def begin(self, images: np.ndarray, keys: Sequence[str], targets: np.ndarray | None = None) -> EngineOutput:
+        """The first ``samples: auto`` stage of one batch (``output.partials``); arguments as :meth:`explain`."""
+        with self._lock:
+            partials = self._engine.begin(images, list(keys), targets)
+            return EngineOutput(result=None, jit_used=self._engine.jit_used, new_compiles=self._new_compiles(),
+                                partials=partials)
+
+    def resume(self, images: np.ndarray, keys: Sequence[str], partials: list) -> EngineOutput:
+        """The next ``samples: auto`` stage of unfinished images (all at one sample count)."""
+        with self._lock:
+            partials = self._engine.resume(images, list(keys), partials)
+            return EngineOutput(result=None, jit_used=self._engine.jit_used, new_compiles=self._new_compiles(),
+                                partials=partials)
+
+    def _new_compiles(self) -> int:
+        new_compiles = self._engine.compile_count - self._compiles_reported
+        self._compiles_reported = self._engine.compile_count
+        return new_compiles
 
 
 @dataclasses.dataclass
@@ -135,6 +160,9 @@ class Explained:
             cannot be measured); None on failure or when not computed.
         jit_used: the engine's compilation mode; None when the engine did not run.
         error: the one-line reason of a failure, else None.
+        samples_used: the noisy samples behind the maps; None on failure.
+        partial: with ``samples: auto``, an image not finished yet: its
+            :class:`transforms.adaptive.Partial` for the next stage (no maps yet).
     """
 
     example: Example
@@ -147,6 +175,18 @@ class Explained:
     reliability: np.ndarray | None = None
     jit_used: str | None = None
     error: str | None = None
+    samples_used: int | None = None
+    partial: Any = None
+
+
+#: The process's engine for the stages of ``samples: auto`` (a Beam ``Shared`` made when the module is imported,
+#: so it is one per process: every stage's step acquires the same engine).
+_STAGE_ENGINES = shared.Shared()
+
+
+def shared_engine(settings: ExplainSettings) -> WorkerEngine:
+    """This process's :class:`WorkerEngine` for ``settings``, built on first use and kept while a step holds it."""
+    return _STAGE_ENGINES.acquire(lambda: WorkerEngine(settings), tag=repr(settings))
 
 
 class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
@@ -158,28 +198,40 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
             are formed at exactly this size (the engine pads short ones).
         model_copies: None for one model per worker process; N for N models
             per machine, shared by all its SDK processes.
+        stage: with ``samples: auto``, the stage this handler runs: 0 takes
+            decoded examples, a later one the unfinished :class:`Explained` of
+            the stage before; None (the default) explains with a fixed ``samples``.
+            A staged handler's engine is the process's :func:`shared_engine`,
+            so the stages of one process load the model once.
 
     Example:
         >>> results = examples | "SmoothGrad" >> RunInference(SmoothGradModelHandler(settings, 8))
     """
 
-    def __init__(self, settings: ExplainSettings, batch_size: int, model_copies: int | None = None):
+    def __init__(self, settings: ExplainSettings, batch_size: int, model_copies: int | None = None,
+                 stage: int | None = None):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size, model_copies=model_copies)
         self.settings = settings
+        self.stage = stage
         self.compiles = Metrics.counter(NAMESPACE, "engine_compiles")
 
     def load_model(self) -> WorkerEngine:
         """Loads the model and builds its engine (once per process, or once per shared copy)."""
-        return WorkerEngine(self.settings)
+        return WorkerEngine(self.settings) if self.stage is None else shared_engine(self.settings)
 
     def get_metrics_namespace(self) -> str:
         """RunInference's metrics go into the project's namespace."""
         return NAMESPACE
 
-    def get_num_bytes(self, batch: Sequence[Example]) -> int:
+    def get_num_bytes(self, batch: Sequence) -> int:
         """The batch's size from its arrays (Beam's default pickles the whole batch)."""
-        return sum(example.image.nbytes + (example.mask.nbytes if example.mask is not None else 0)
-                   for example in batch)
+        total = 0
+        for item in batch:
+            if isinstance(item, Explained):  # a later stage: the example and its carried sums
+                total += item.partial.nbytes if item.partial is not None else 0
+                item = item.example
+            total += item.image.nbytes + (item.mask.nbytes if item.mask is not None else 0)
+        return total
 
     def run_inference(self, batch: Sequence[Example], model: Any,
                       inference_args: dict | None = None) -> Iterable[Explained]:
@@ -195,15 +247,18 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
             logger.warning("SmoothGrad failed on a batch of %d (%s); retrying its records one by one.",
                            len(batch), one_line(error))
         results = []
-        for example in batch:
+        for item in batch:
             try:
-                results += self._explain(model, [example])
+                results += self._explain(model, [item])
             except Exception as error:  # noqa: BLE001
+                example = item.example if isinstance(item, Explained) else item
                 results.append(Explained(example, error=f"SmoothGrad failed: {type(error).__name__}: "
                                                         f"{one_line(error)}"))
         return results
 
-    def _explain(self, model, batch: list[Example]) -> list[Explained]:
+    def _explain(self, model, batch: list) -> list[Explained]:
+        if self.stage is not None:
+            return self._explain_stage(model, batch)
         targets = None
         if str(self.settings.engine.get("target", "top1")) == "label":
             targets = np.array([example.label for example in batch], np.int64)
@@ -216,5 +271,31 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
                           predicted=int(result.predicted[position]),
                           noise_sigma=float(result.noise_sigma[position]),
                           reliability=None if result.reliability is None else result.reliability[position],
-                          jit_used=output.jit_used)
+                          samples_used=int(result.samples_used[position]), jit_used=output.jit_used)
                 for position, example in enumerate(batch)]
+
+    def _explain_stage(self, model, batch: list) -> list[Explained]:
+        if self.stage == 0:
+            examples = batch
+            targets = None
+            if str(self.settings.engine.get("target", "top1")) == "label":
+                targets = np.array([example.label for example in examples], np.int64)
+            output = model.begin(np.stack([example.image for example in examples]),
+                                 [example.key for example in examples], targets)
+        else:
+            examples = [item.example for item in batch]
+            output = model.resume(np.stack([example.image for example in examples]),
+                                  [example.key for example in examples], [item.partial for item in batch])
+        self.compiles.inc(output.new_compiles)
+        return [staged_result(example, partial, output.jit_used)
+                for example, partial in zip(examples, output.partials)]
+
+
+def staged_result(example: Example, partial, jit_used: str) -> Explained:
+    """The :class:`Explained` of one image after a stage: its maps when done, else its carried state."""
+    if not partial.done:
+        return Explained(example, jit_used=jit_used, partial=partial)
+    return Explained(example, maps=partial.maps, targets=partial.targets, target_ranks=partial.target_ranks,
+                     scores=partial.scores, predicted=partial.predicted, noise_sigma=partial.noise_sigma,
+                     reliability=partial.reliability, samples_used=partial.samples, jit_used=jit_used)
+

@@ -25,6 +25,9 @@ class SmoothGradResult:
             shape as ``targets``; NaN where it cannot be measured (N < 2, a
             constant half-map); None when the explainer was built with
             ``reliability=False``.
+        samples_used: the noisy samples behind each image's maps, int32
+            ``[B]``: ``samples`` for every image, or with ``samples="auto"``
+            the stage at which the image stopped.
     """
 
     maps: np.ndarray
@@ -34,3 +37,4 @@ class SmoothGradResult:
     predicted: np.ndarray
     noise_sigma: np.ndarray
     reliability: np.ndarray | None = None
+    samples_used: np.ndarray | None = None

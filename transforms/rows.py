@@ -97,6 +97,7 @@ class ToRows(beam.DoFn):
             "label": example.label, "target": int(explained.targets[rank]),
             "target_rank": int(explained.target_ranks[rank]), "score": float(explained.scores[rank]),
             "predicted": explained.predicted, "noise_sigma": explained.noise_sigma,
+            "samples_used": explained.samples_used,
             "_first": rank == 0,
         }
         if self.settings.mask_columns:

@@ -123,6 +123,10 @@ def run_sanity_checks(examples, settings) -> dict:
     images = np.stack([example.image for example in examples])
     keys = [example.key for example in examples]
     engine_args = dict(settings.engine, reliability=False)  # the checks compare whole maps only
+    adaptive = {key: engine_args.pop(key, None) for key in ("target_reliability", "min_samples", "max_samples")}
+    per_check = {}
+    if engine_args.get("samples") == "auto":  # fixed counts: convergence at the most, randomisation at the least
+        per_check = {"convergence": adaptive["max_samples"], "randomisation": adaptive["min_samples"]}
     if str(engine_args.get("target")) == "label":
         engine_args["target"] = "top1"  # the checks compare maps of one fixed class per image
     if not tf.config.list_logical_devices("GPU"):
@@ -135,7 +139,8 @@ def run_sanity_checks(examples, settings) -> dict:
     try:
         for name, check in (("convergence", convergence), ("randomisation", randomisation)):
             try:
-                figures[name] = check(model, images, keys, **engine_args)
+                figures[name] = check(model, images, keys, **dict(engine_args, **(
+                    {"samples": per_check[name]} if per_check else {})))
             except Exception as error:  # noqa: BLE001 - a failed check is reported, never fatal
                 logger.warning("Sanity check %s failed: %s", name, error)
                 figures[name] = {"error": one_line(f"{type(error).__name__}: {error}")}

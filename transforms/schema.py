@@ -30,6 +30,7 @@ def saliency_schema(map_shape: tuple, dtype: str = "float16", mask_columns: bool
         pa.field("score", pa.float32(), nullable=False),
         pa.field("predicted", pa.int32(), nullable=False),
         pa.field("noise_sigma", pa.float32(), nullable=False),
+        pa.field("samples_used", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("saliency", pa.fixed_shape_tensor(value_type, list(map_shape)), nullable=False),

@@ -42,16 +42,19 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from transforms.adaptive import DEFAULT_MAX_SAMPLES, DEFAULT_MIN_SAMPLES, DEFAULT_TARGET, AdaptiveSamples
 from transforms.errors import bad_option
 from transforms.jit import JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers
-from transforms.noise import NOISE_MODES, key_seed, sample_seeds, sigma_per_image, standard_normal
+from transforms.noise import NOISE_MODES, key_seed, sigma_per_image
 from transforms.precision import PRECISIONS, with_precision
 from transforms.result import SmoothGradResult
 from transforms.reductions import REDUCTIONS
 from transforms.scores import score_function
 from transforms.targets import TARGET_FORMS, Target
+from transforms.stages import AdaptiveStages
 from transforms.statistics import split_half_reliability
-from transforms.variants import VARIANTS, SplitHalves, accumulate, default_chunk, get_variant
+from transforms.steps import CompiledSteps
+from transforms.variants import VARIANTS, SplitHalves, default_chunk, get_variant
 
 __all__ = ["SmoothGrad", "SmoothGradResult",  # and, re-exported for callers:
            "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS", "PRECISIONS", "Target", "key_seed",
@@ -66,7 +69,7 @@ def _is_whole(value, minimum: int | None = None) -> bool:
             and (minimum is None or value >= minimum))
 
 
-class SmoothGrad:
+class SmoothGrad(CompiledSteps, AdaptiveStages):
     """SmoothGrad explainer for a Keras model, compiled once per instance.
 
     Args:
@@ -74,6 +77,9 @@ class SmoothGrad:
             a ``.keras`` file) mapping ``[B, H, W, C]`` float32 images to class
             scores ``[B, classes]``.
         samples: N, the number of noisy copies per image (>= 1). All are noisy.
+            Or ``"auto"``: each image gets as many as its map needs to converge
+            (see :mod:`transforms.adaptive`), between ``min_samples`` and
+            ``max_samples``; ``result.samples_used`` says how many.
         noise: σ (>= 0). See ``noise_mode``.
         noise_mode: ``absolute`` (σ in the model's input units) or ``relative``
             (σ × (max − min) of each preprocessed image, as in the paper).
@@ -105,7 +111,11 @@ class SmoothGrad:
             noise, sums and maps stay float32).
         reliability: also accumulate the even- and odd-numbered samples apart
             (in the same compiled step; the map is unchanged) and return each
-            map's split-half rank correlation (default True).
+            map's split-half rank correlation (default True; needed by ``samples="auto"``).
+        target_reliability, min_samples, max_samples: the ``samples="auto"``
+            settings (:class:`transforms.adaptive.AdaptiveSamples`): the
+            estimated rank correlation with the converged map at which an image
+            stops (0.95), its first stage (8) and its most samples (64).
 
     Call ``explainer(images, keys, targets=None)`` with float32 ``[B, H, W, C]``
     images already preprocessed and one string key per image; ``targets``
@@ -122,8 +132,17 @@ class SmoothGrad:
                  variant: str = "smoothgrad", reduce: str = "mean_abs", target: str = "top1",
                  batch_size: int = 8, chunk: int | None = None, jit: str = "auto", seed: int = 0,
                  logits: bool = True, sample_offset: int = 0, precision: str = "float32",
-                 reliability: bool = True):
-        for name, value, minimum in (("samples", samples, 1), ("batch_size", batch_size, 1), ("seed", seed, None),
+                 reliability: bool = True, target_reliability: float = DEFAULT_TARGET,
+                 min_samples: int = DEFAULT_MIN_SAMPLES, max_samples: int = DEFAULT_MAX_SAMPLES):
+        self.adaptive = None
+        if isinstance(samples, str) and samples == "auto":
+            self.adaptive = AdaptiveSamples(target_reliability, min_samples, max_samples)
+            if not reliability:
+                raise bad_option("reliability", "True with samples='auto' (the stopping rule reads the half-maps)",
+                                 reliability)
+        elif not _is_whole(samples, 1):
+            raise bad_option("samples", "a whole number >= 1 or 'auto'", samples)
+        for name, value, minimum in (("batch_size", batch_size, 1), ("seed", seed, None),
                                      ("sample_offset", sample_offset, 0)):
             if not _is_whole(value, minimum):
                 raise bad_option(name, "a whole number" + ("" if minimum is None else f" >= {minimum}"), value)
@@ -141,14 +160,13 @@ class SmoothGrad:
                            "(the variance of identical gradients).", samples, noise)
         self.target = Target.parse(target)
         self._accumulator = get_variant(variant, reduce)
-        self.samples = int(samples)
+        self.samples = "auto" if self.adaptive else int(samples)
         self.noise = float(noise)
         self.noise_mode = noise_mode
         self.variant = variant
         self.reduce = reduce
         self.batch_size = int(batch_size)
-        self.chunk = self.default_chunk(self.samples, self.batch_size) if chunk is None \
-            else min(self.samples, int(chunk))
+        self.chunk = self._choose_chunk(chunk)
         self.seed = int(seed)
         self.logits = bool(logits)
         self.sample_offset = int(sample_offset)
@@ -167,6 +185,15 @@ class SmoothGrad:
 
     #: The default chunk for ``samples`` and ``batch_size`` (:func:`transforms.variants.default_chunk`).
     default_chunk = staticmethod(default_chunk)
+
+    def _choose_chunk(self, chunk: int | None) -> int:
+        if self.adaptive is None:
+            return self.default_chunk(self.samples, self.batch_size) if chunk is None else min(self.samples, int(chunk))
+        # Adaptive: every stage after the first has its length as an input of one compiled function, so
+        # the chunk must divide each of those lengths (no remainder chunk of another shape).
+        wanted = self.default_chunk(self.adaptive.min_samples, self.batch_size) if chunk is None else int(chunk)
+        common = self.adaptive.continue_gcd() or wanted
+        return max(size for size in range(1, min(wanted, common) + 1) if common % size == 0)
 
     @staticmethod
     def _model_input_shape(model) -> tuple[int, int, int] | None:
@@ -194,6 +221,7 @@ class SmoothGrad:
             "variant": self.variant, "reduce": self.reduce, "target": str(self.target),
             "batch_size": self.batch_size, "chunk": self.chunk, "seed": self.seed,
             "logits": self.logits, "scores_from": self.scores_from, "precision": self.precision,
+            "adaptive": self.adaptive.as_dict() if self.adaptive else None,
             "jit_used": self.jit_used, "jit_reason": self.jit_reason,
         }
 
@@ -216,12 +244,16 @@ class SmoothGrad:
         given = self.target.given_classes(targets, images.shape[0])
         if self._function is None:
             self._build(images.shape[1:])
-        parts = [self._run_fixed(images[start:start + self.batch_size], keys[start:start + self.batch_size],
-                                 given[start:start + self.batch_size])
-                 for start in range(0, images.shape[0], self.batch_size)]
-        if not parts:
-            parts = [self._run_fixed(images, keys, given)]
-        merged = {field: np.concatenate([part[field] for part in parts]) for field in parts[0]}
+        if self.adaptive is not None:
+            merged = self._run_adaptive(images, keys, given)
+        else:
+            parts = [self._run_fixed(images[start:start + self.batch_size], keys[start:start + self.batch_size],
+                                     given[start:start + self.batch_size])
+                     for start in range(0, images.shape[0], self.batch_size)]
+            if not parts:
+                parts = [self._run_fixed(images, keys, given)]
+            merged = {field: np.concatenate([part[field] for part in parts]) for field in parts[0]}
+            merged["samples_used"] = np.full(images.shape[0], self.samples, np.int32)
         if self.target.mode != "topk":
             for field in ("maps", "targets", "target_ranks", "scores", "reliability"):
                 if field in merged:
@@ -290,86 +322,59 @@ class SmoothGrad:
         self._signature = [tf.TensorSpec([batch, height, width, channels], tf.float32),
                            tf.TensorSpec([batch], tf.int64), tf.TensorSpec([batch, k], tf.int32),
                            tf.TensorSpec([batch], tf.float32)]
-        self._function = self._compile()
+        if self.adaptive is not None:  # a later stage: first sample, sample count, the carried state's leaves
+            start = SplitHalves(self._accumulator).start(batch, k, height, width, channels)
+            self._state_structure = start
+            self._continue_signature = self._signature + [tf.TensorSpec([], tf.int32)] * 2 + [
+                tf.TensorSpec(leaf.shape, leaf.dtype) for leaf in tf.nest.flatten(start)]
+        self._compile()
 
     def _compile(self):
-        return tf.function(self._step, input_signature=self._signature,
-                           jit_compile=self.jit_used == "xla", autograph=False)
+        self._function = tf.function(self._step, input_signature=self._signature,
+                                     jit_compile=self.jit_used == "xla", autograph=False)
+        if self.adaptive is not None:
+            self._continue_function = tf.function(self._continue_step, input_signature=self._continue_signature,
+                                                  jit_compile=self.jit_used == "xla", autograph=False)
 
-    def _call_compiled(self, *tensors):
+    def _call_compiled(self, name, *tensors):
         try:
-            outputs = self._function(*tensors)
+            outputs = getattr(self, name)(*tensors)
         except XLA_COMPILE_ERRORS as error:
             fallback = graph_fallback(self._jit_requested, self.jit_used, self._calls_done, error)
             if fallback is None:
                 raise
             self.jit_used, self.jit_reason = fallback
-            self._function = self._compile()
-            outputs = self._function(*tensors)
+            self._compile()
+            outputs = getattr(self, name)(*tensors)
         self._calls_done += 1
         return outputs
 
-    def _run_fixed(self, images: np.ndarray, keys: list[str], given: np.ndarray) -> dict:
-        count = images.shape[0]
-        pad = self.batch_size - count
-        sigma = sigma_per_image(images, self.noise, self.noise_mode)
+    def _padded_inputs(self, images: np.ndarray, keys: list[str], given: np.ndarray, sigma: np.ndarray) -> list:
+        pad = self.batch_size - images.shape[0]
         seeds = np.array([key_seed(self.seed, key) for key in keys], np.int64)
         if self.target.mode == "label":
             bad = (given < 0) | (given >= self.num_classes)
             if bad.any():
                 raise ValueError(f"'targets' must be classes in [0, {self.num_classes}); "
                                  f"got {given[bad].tolist()}.")
+        arrays = [images, seeds, given.astype(np.int32, copy=False), sigma.astype(np.float32, copy=False)]
         if pad:
-            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)])
-            seeds = np.concatenate([seeds, np.zeros(pad, np.int64)])
-            given = np.concatenate([given, np.zeros((pad,) + given.shape[1:], np.int32)])
-            sigma_in = np.concatenate([sigma, np.zeros(pad, np.float32)])
-        else:
-            sigma_in = sigma
+            arrays = [np.concatenate([array, np.zeros((pad,) + array.shape[1:], array.dtype)]) for array in arrays]
+        return [tf.constant(array) for array in arrays]
+
+    def _run_fixed(self, images: np.ndarray, keys: list[str], given: np.ndarray) -> dict:
+        count = images.shape[0]
+        sigma = sigma_per_image(images, self.noise, self.noise_mode)
         maps, targets, ranks, scores, predicted, *halves = self._call_compiled(
-            tf.constant(images), tf.constant(seeds), tf.constant(given), tf.constant(sigma_in))
+            "_function", *self._padded_inputs(images, keys, given, sigma))
         out = {
             "maps": maps.numpy()[:count], "targets": targets.numpy()[:count],
             "target_ranks": ranks.numpy()[:count], "scores": scores.numpy()[:count],
             "predicted": predicted.numpy()[:count], "noise_sigma": sigma,
         }
         if self.reliability:
-            out["reliability"] = split_half_reliability(*(half.numpy()[:count] for half in halves)) \
+            out["reliability"] = split_half_reliability(*(half.numpy()[:count] for half in halves[:2])) \
                 if halves else np.full(out["targets"].shape, np.nan, np.float32)
+        if self.adaptive is not None:
+            out["state"] = [leaf.numpy() for leaf in halves[2:]]
         return out
-
-    # --------------------------------------------------------- compiled step
-    def _scores(self, images):
-        scores = self._score_fn(images)
-        return tf.reshape(tf.cast(scores, tf.float32), [tf.shape(images)[0], -1])
-
-    def _step(self, images, seeds, given_targets, sigma):
-        self._traces += 1  # runs only while tracing
-        batch, height, width, channels = images.shape
-        k, chunk, samples = self.target.maps_per_record, self.chunk, self.samples
-        clean = self._scores(images)
-        predicted = tf.argmax(clean, axis=-1, output_type=tf.int32)
-        targets = self.target.choose(clean, given_targets)
-        scores = tf.gather(clean, targets, batch_dims=1)
-        ranks = tf.reduce_sum(tf.cast(clean[:, None, :] > scores[:, :, None], tf.int32), axis=-1)
-
-        def gradients(first_sample, size):
-            sample_index = tf.cast(first_sample, tf.int64) + tf.range(size, dtype=tf.int64)
-            noise = standard_normal(sample_seeds(seeds, sample_index + self.sample_offset),
-                                    (height, width, channels))
-            noisy = tf.repeat(images, size, axis=0) + tf.reshape(tf.repeat(sigma, size), [-1, 1, 1, 1]) * noise
-            with tf.GradientTape(persistent=k > 1) as tape:
-                tape.watch(noisy)
-                target_scores = tf.gather(self._scores(noisy), tf.repeat(targets, size, axis=0), batch_dims=1)
-                objectives = [tf.reduce_sum(target_scores[:, index]) for index in range(k)]
-            grads = tf.stack([tape.gradient(objective, noisy) for objective in objectives], axis=1)
-            return tf.reshape(grads, [batch, size, k, height, width, channels])
-
-        shape = (batch, k, height, width, channels)
-        if self.reliability and samples >= 2:
-            halves = SplitHalves(self._accumulator, self.sample_offset)
-            maps, even, odd = halves.finish(accumulate(halves, samples, chunk, gradients, shape), images, samples)
-            return maps, targets, ranks, scores, predicted, even, odd
-        maps = self._accumulator.finish(accumulate(self._accumulator, samples, chunk, gradients, shape),
-                                        images, samples)
-        return maps, targets, ranks, scores, predicted

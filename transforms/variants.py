@@ -85,7 +85,8 @@ class Accumulator:
         Args:
             state: the state after the last chunk.
             images: float32 ``[B, H, W, C]``, the clean images.
-            samples: the number of (real) samples folded in.
+            samples: the number of (real) samples folded in (an int, or an
+                int32 scalar tensor when a compiled stage's count is an input).
 
         Returns:
             float32 ``[B, K, H, W]`` (``[B, K, H, W, C]`` for ``reduce="none"``).
@@ -128,7 +129,7 @@ class _MeanAccumulator(Accumulator):
 
     def finish(self, state, images, samples):
         (total,) = state
-        return self.from_mean(total / float(samples), images)
+        return self.from_mean(total / tf.cast(samples, total.dtype), images)
 
 
 class SmoothGradAccumulator(_MeanAccumulator):
@@ -237,12 +238,14 @@ class SplitHalves:
     Args:
         accumulator: the variant's :class:`Accumulator`.
         offset: the global index of the first sample (even and odd are global:
-            a run continued from sample 8 keeps the parity of every sample).
+            a run continued from sample 8 keeps the parity of every sample); an
+            int, or an int32 scalar tensor for a stage that starts where the
+            previous one stopped.
     """
 
-    def __init__(self, accumulator: Accumulator, offset: int = 0):
+    def __init__(self, accumulator: Accumulator, offset=0):
         self.accumulator = accumulator
-        self.offset = int(offset)
+        self.offset = offset if isinstance(offset, tf.Tensor) else int(offset)
 
     def start(self, *shape) -> tuple:
         """``(all, even, odd)`` initial states."""
@@ -292,7 +295,7 @@ def chunk_plan(samples: int, chunk: int) -> tuple[int, int]:
     return divmod(samples, min(chunk, samples))
 
 
-def accumulate(accumulator: Accumulator, samples: int, chunk: int, gradients, shape) -> tuple:
+def accumulate(accumulator: Accumulator, samples, chunk: int, gradients, shape, state: tuple | None = None) -> tuple:
     """Folds exactly ``samples`` noisy samples, ``chunk`` at a time, into an accumulator's state.
 
     The full chunks run in a ``tf.while_loop`` (a single one without a loop:
@@ -303,19 +306,26 @@ def accumulate(accumulator: Accumulator, samples: int, chunk: int, gradients, sh
 
     Args:
         accumulator: the variant's :class:`Accumulator`, or a :class:`SplitHalves`.
-        samples: the number of samples (>= 1).
+        samples: the number of samples (>= 1); or an int32 scalar tensor, a
+            multiple of ``chunk`` (a stage whose length is an input of the
+            compiled function: the loop's trip count is then dynamic).
         chunk: samples per chunk (>= 1).
         gradients: ``gradients(first_sample, size) -> grads`` for samples
             ``first_sample .. first_sample + size - 1`` (``first_sample`` an int32
             scalar tensor, ``size`` a Python int), shaped as :meth:`Accumulator.add`
             takes them.
         shape: ``(batch, k, height, width, channels)`` for :meth:`Accumulator.start`.
+        state: the state to continue from (None: start from no sample).
 
     Returns:
         The final state, for :meth:`Accumulator.finish`.
     """
-    full, rest = chunk_plan(samples, chunk)
-    chunk = min(chunk, samples)
+    dynamic = isinstance(samples, tf.Tensor)
+    if dynamic:
+        full, rest = samples // chunk, 0
+    else:
+        full, rest = chunk_plan(samples, chunk)
+        chunk = min(chunk, samples)
     halves = isinstance(accumulator, SplitHalves)
 
     def add(state, first, size):
@@ -325,10 +335,10 @@ def accumulate(accumulator: Accumulator, samples: int, chunk: int, gradients, sh
     def body(index, *state):
         return (index + 1,) + add(state, index * chunk, chunk)
 
-    state = (tf.constant(0),) + tuple(accumulator.start(*shape))
-    if full == 1:
+    state = (tf.constant(0),) + tuple(accumulator.start(*shape) if state is None else state)
+    if not dynamic and full == 1:
         state = body(*state)
-    elif full > 1:
+    elif dynamic or full > 1:
         state = tf.while_loop(lambda index, *_: index < full, body, state)
     state = tuple(state[1:])
     if rest:
