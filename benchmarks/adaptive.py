@@ -18,7 +18,10 @@ the half ``benchmarks/adaptive_calibration.py`` did not fit its rule on):
 
 Rows of the printed table: fixed N = 10, 20, 30, 50 and adaptive, with the
 seconds of a warm call (the first call of each explainer compiles; it is not
-timed). All explainers use ``noise=0.1`` (absolute), ``batch_size=16``,
+timed). ``--margins 0.16,0.26`` runs the adaptive row once per stopping
+margin C (the rule stops an image after n samples when its estimate reaches
+``target + C / n``; this sets ``transforms.adaptive.MARGIN`` for the run);
+the default is the engine's own margin. All explainers use ``noise=0.1`` (absolute), ``batch_size=16``,
 ``jit="graph"``. The JSON goes to ``--out`` (``benchmarks/adaptive.json``).
 
 Example (from the repository root; about 10-15 minutes on 2 CPU cores)::
@@ -62,20 +65,29 @@ def timed(explainer, images, keys):
     return result, time.perf_counter() - started
 
 
-def run_model(name: str, args) -> dict:
+def run_model(name: str, args, margins: list[float]) -> dict:
+    """Reference, adaptive runs (one per margin) and the fixed-N grid of one model; the check uses the first margin."""
+    import transforms.adaptive
     from transforms.smoothgrad import SmoothGrad
+
+    engine_margin = transforms.adaptive.MARGIN
 
     model, images, keys = load_model_images(name, args.images, args.demo_data)
     images, keys = images[args.images // 2:], keys[args.images // 2:]
     common = dict(noise=0.1, batch_size=16, jit="graph")
     reference = SmoothGrad(model, samples=args.reference, reliability=False, **common)(images, keys).maps
-    adaptive, adaptive_seconds = timed(SmoothGrad(
-        model, samples="auto", target_reliability=args.target_reliability, min_samples=args.min_samples,
-        max_samples=args.max_samples, **common), images, keys)
-    used = np.asarray(adaptive.samples_used)
-    adaptive_ok = agreements(adaptive.maps, reference) >= args.target
-    share = float(adaptive_ok.mean())
-    fixed_share, seconds, difference, compared = {}, {}, 0.0, 0
+    runs = {}  # margin -> (result, seconds, agrees)
+    try:
+        for margin in margins:
+            transforms.adaptive.MARGIN = margin
+            result, elapsed = timed(SmoothGrad(
+                model, samples="auto", target_reliability=args.target_reliability, min_samples=args.min_samples,
+                max_samples=args.max_samples, **common), images, keys)
+            runs[margin] = (result, elapsed, agreements(result.maps, reference) >= args.target)
+    finally:
+        transforms.adaptive.MARGIN = engine_margin
+    fixed_share, seconds = {}, {}
+    difference, compared = dict.fromkeys(margins, 0.0), dict.fromkeys(margins, 0)
     for samples in sorted(set(GRID) | set(ROWS)):
         explainer = SmoothGrad(model, samples=samples, reliability=False, **common)
         if samples in ROWS:
@@ -83,31 +95,40 @@ def run_model(name: str, args) -> dict:
         else:
             result = explainer(images, keys)
         fixed_share[samples] = float(np.mean(agreements(result.maps, reference) >= args.target))
-        same = used == samples
-        if same.any():
-            difference = max(difference, float(np.abs(result.maps[same] - adaptive.maps[same]).max()))
-            compared += int(same.sum())
+        for margin, (adaptive, _, _) in runs.items():
+            same = np.asarray(adaptive.samples_used) == samples
+            if same.any():
+                difference[margin] = max(difference[margin],
+                                         float(np.abs(result.maps[same] - adaptive.maps[same]).max()))
+                compared[margin] += int(same.sum())
         print(f"{name} fixed N={samples}: share {fixed_share[samples]:.3f}", flush=True)
+    adaptive = runs[margins[0]][0]
+    used = np.asarray(adaptive.samples_used)
     alone = []
     for index in np.unique(used, return_index=True)[1][:args.check_keys]:  # one image per distinct samples_used
         single = SmoothGrad(model, samples=int(used[index]), reliability=False, **common)(
             images[index:index + 1], keys[index:index + 1]).maps[0]
         alone.append({"key": keys[index], "samples_used": int(used[index]),
                       "max_abs_diff": float(np.abs(single - adaptive.maps[index]).max())})
-    reaching = [n for n in sorted(fixed_share) if fixed_share[n] >= share - 1e-12]
-    smallest = reaching[0] if reaching else None
+    rows = {}
+    for margin, (result, elapsed, ok) in runs.items():
+        counts = np.asarray(result.samples_used)
+        share = float(ok.mean())
+        reaching = [n for n in sorted(fixed_share) if fixed_share[n] >= share - 1e-12]
+        smallest = reaching[0] if reaching else None
+        rows[str(margin)] = {
+            "mean_samples": round(float(counts.mean()), 2), "share": round(share, 4),
+            "samples_used": {"min": int(counts.min()), "median": int(np.median(counts)),
+                             "p90": int(np.quantile(counts, 0.9, method="lower")), "max": int(counts.max())},
+            "histogram": {str(n): int(c) for n, c in zip(*np.unique(counts, return_counts=True))},
+            "seconds": round(elapsed, 2), "smallest_fixed_n_reaching_share": smallest,
+            "gain": round(smallest / float(counts.mean()), 2) if smallest else None,
+            "same_as_fixed_n": {"images_compared": compared[margin], "max_abs_diff": difference[margin]}}
     return {
-        "images": len(keys), "keys": f"{keys[0]}..{keys[-1]}",
-        "adaptive": {"mean_samples": round(float(used.mean()), 2), "share": round(share, 4),
-                     "samples_used": {"min": int(used.min()), "median": int(np.median(used)),
-                                      "p90": int(np.quantile(used, 0.9, method="lower")), "max": int(used.max())},
-                     "histogram": {str(n): int(c) for n, c in zip(*np.unique(used, return_counts=True))},
-                     "seconds": round(adaptive_seconds, 2),
-                     "smallest_fixed_n_reaching_share": smallest,
-                     "gain": round(smallest / float(used.mean()), 2) if smallest else None},
+        "images": len(keys), "keys": f"{keys[0]}..{keys[-1]}", "adaptive": rows,
         "fixed": {str(n): {"share": round(fixed_share[n], 4),
                            **({"seconds": round(seconds[n], 2)} if n in seconds else {})} for n in sorted(fixed_share)},
-        "same_as_fixed_n": {"images_compared": compared, "max_abs_diff": difference, "alone": alone},
+        "explained_alone": {"margin": margins[0], "maps": alone},
     }
 
 
@@ -119,9 +140,9 @@ def markdown(results: dict) -> str:
         for n in ROWS:
             row = result["fixed"][str(n)]
             lines.append(f"| {name} | fixed N={n} | {n} | {row['share']:.3f} | | | {row['seconds']:.2f} |")
-        a = result["adaptive"]
-        lines.append(f"| {name} | adaptive | {a['mean_samples']:.1f} | {a['share']:.3f} | "
-                     f"{a['smallest_fixed_n_reaching_share']} | {a['gain']} | {a['seconds']:.2f} |")
+        for margin, a in result["adaptive"].items():
+            lines.append(f"| {name} | adaptive, C = {margin} | {a['mean_samples']:.1f} | {a['share']:.3f} | "
+                         f"{a['smallest_fixed_n_reaching_share']} | {a['gain']} | {a['seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -134,18 +155,27 @@ def main() -> None:
     parser.add_argument("--target-reliability", type=float, default=0.95)
     parser.add_argument("--min-samples", type=int, default=8)
     parser.add_argument("--max-samples", type=int, default=64)
+    parser.add_argument("--margins", help="stopping margins C to run, comma-separated (default: the engine's)")
     parser.add_argument("--check-keys", type=int, default=4)
     parser.add_argument("--demo-data", default=str(ROOT / "demo_data"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "adaptive.json"))
     args = parser.parse_args()
-    results = {name: run_model(name, args) for name in args.models.split(",")}
-    settings = {key: value for key, value in vars(args).items() if key not in ("out", "demo_data")}
+    import transforms.adaptive
+
+    margins = [float(value) for value in args.margins.split(",")] if args.margins else [transforms.adaptive.MARGIN]
+    results = {name: run_model(name, args, margins) for name in args.models.split(",")}
+    settings = {key: value for key, value in vars(args).items() if key not in ("out", "demo_data", "margins")}
+    settings.update(margins=margins, engine_margin=transforms.adaptive.MARGIN)
     Path(args.out).write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
     print(markdown(results))
     for name, result in results.items():
-        check = result["same_as_fixed_n"]
-        print(f"{name}: adaptive map vs fixed N = samples_used, max abs diff {check['max_abs_diff']:.3g} over "
-              f"{check['images_compared']} images; alone: {[c['max_abs_diff'] for c in check['alone']]}")
+        for margin, row in result["adaptive"].items():
+            check = row["same_as_fixed_n"]
+            print(f"{name}, C = {margin}: adaptive map vs fixed N = samples_used: max abs diff "
+                  f"{check['max_abs_diff']:.3g} over {check['images_compared']} images")
+        alone = result["explained_alone"]["maps"]
+        print(f"{name}: explained alone at N = samples_used: max abs diff {max(c['max_abs_diff'] for c in alone):.3g} "
+              f"({len(alone)} keys)")
 
 
 if __name__ == "__main__":
