@@ -17,17 +17,20 @@ the half ``benchmarks/adaptive_calibration.py`` did not fit its rule on):
   on the grid, and ``--check-keys`` of them explained again alone).
 
 Rows of the printed table: fixed N = 10, 20, 30, 50 and adaptive, with the
-seconds of a warm call (the first call of each explainer compiles; it is not
-timed). ``--margins 0.16,0.26`` runs the adaptive row once per stopping
-margin C (the rule stops an image after n samples when its estimate reaches
-``target + C / n``; this sets ``transforms.adaptive.MARGIN`` for the run);
-the default is the engine's own margin. All explainers use ``noise=0.1`` (absolute), ``batch_size=16``,
-``jit="graph"``. The JSON goes to ``--out`` (``benchmarks/adaptive.json``).
+seconds of a warm call (the median of ``--repeats`` calls; the first call of
+each explainer compiles and is not timed) and, for adaptive, the image-samples
+computed per image counting the padding of each stage's last batch.
+``--margins 0.16,0.26`` runs the adaptive row once per stopping margin C (the
+rule stops an image after n samples when its estimate reaches
+``target + C / n``; this sets ``transforms.adaptive.MARGIN`` for the run); the
+default is the engine's own margin. All explainers use ``noise=0.1``
+(absolute), ``batch_size=16``, ``jit="graph"``. The JSON goes to ``--out``
+(``benchmarks/adaptive.json``).
 
 Example (from the repository root; about 10-15 minutes on 2 CPU cores)::
 
     python benchmarks/second_task.py
-    python benchmarks/adaptive.py
+    python benchmarks/adaptive.py --margins 0.16,0.26
 """
 
 from __future__ import annotations
@@ -57,12 +60,25 @@ def agreements(maps, reference) -> np.ndarray:
     return np.array([rank_correlation(m, r) for m, r in zip(maps, reference)])
 
 
-def timed(explainer, images, keys):
-    """``(result, seconds)`` of one call, after an untimed warm-up call on the first batch (it compiles)."""
+def timed(explainer, images, keys, repeats: int):
+    """``(result, median seconds of repeats calls)``, after an untimed warm-up call on the first batch (it compiles)."""
     explainer(images[:explainer.batch_size], keys[:explainer.batch_size])
-    started = time.perf_counter()
-    result = explainer(images, keys)
-    return result, time.perf_counter() - started
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = explainer(images, keys)
+        seconds.append(time.perf_counter() - started)
+    return result, float(np.median(seconds))
+
+
+def padded_samples(used: np.ndarray, boundaries, batch_size: int) -> int:
+    """Image-samples computed, padding included: each stage runs its unfinished images in padded batches."""
+    total, previous = 0, 0
+    for boundary in boundaries:
+        running = int(np.sum(used >= boundary))
+        total += -(-running // batch_size) * batch_size * (boundary - previous)
+        previous = boundary
+    return total
 
 
 def run_model(name: str, args, margins: list[float]) -> dict:
@@ -82,7 +98,7 @@ def run_model(name: str, args, margins: list[float]) -> dict:
             transforms.adaptive.MARGIN = margin
             result, elapsed = timed(SmoothGrad(
                 model, samples="auto", target_reliability=args.target_reliability, min_samples=args.min_samples,
-                max_samples=args.max_samples, **common), images, keys)
+                max_samples=args.max_samples, **common), images, keys, args.repeats)
             runs[margin] = (result, elapsed, agreements(result.maps, reference) >= args.target)
     finally:
         transforms.adaptive.MARGIN = engine_margin
@@ -91,7 +107,7 @@ def run_model(name: str, args, margins: list[float]) -> dict:
     for samples in sorted(set(GRID) | set(ROWS)):
         explainer = SmoothGrad(model, samples=samples, reliability=False, **common)
         if samples in ROWS:
-            result, seconds[samples] = timed(explainer, images, keys)
+            result, seconds[samples] = timed(explainer, images, keys, args.repeats)
         else:
             result = explainer(images, keys)
         fixed_share[samples] = float(np.mean(agreements(result.maps, reference) >= args.target))
@@ -122,6 +138,8 @@ def run_model(name: str, args, margins: list[float]) -> dict:
                              "p90": int(np.quantile(counts, 0.9, method="lower")), "max": int(counts.max())},
             "histogram": {str(n): int(c) for n, c in zip(*np.unique(counts, return_counts=True))},
             "seconds": round(elapsed, 2), "smallest_fixed_n_reaching_share": smallest,
+            "padded_image_samples_per_image": round(padded_samples(
+                counts, transforms.adaptive.stage_boundaries(args.min_samples, args.max_samples), 16) / len(keys), 2),
             "gain": round(smallest / float(counts.mean()), 2) if smallest else None,
             "same_as_fixed_n": {"images_compared": compared[margin], "max_abs_diff": difference[margin]}}
     return {
@@ -133,15 +151,18 @@ def run_model(name: str, args, margins: list[float]) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | row | mean samples / image | share ≥ 0.95 | smallest fixed N reaching it | gain "
-             "| seconds (warm) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | row | mean samples / image | computed, with padding | share ≥ 0.95 "
+             "| smallest fixed N reaching it | gain | seconds (warm) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
         for n in ROWS:
             row = result["fixed"][str(n)]
-            lines.append(f"| {name} | fixed N={n} | {n} | {row['share']:.3f} | | | {row['seconds']:.2f} |")
+            computed = -(-result["images"] // 16) * 16 * n / result["images"]
+            lines.append(f"| {name} | fixed N={n} | {n} | {computed:.1f} | {row['share']:.3f} | | | "
+                         f"{row['seconds']:.2f} |")
         for margin, a in result["adaptive"].items():
-            lines.append(f"| {name} | adaptive, C = {margin} | {a['mean_samples']:.1f} | {a['share']:.3f} | "
+            lines.append(f"| {name} | adaptive, C = {margin} | {a['mean_samples']:.1f} | "
+                         f"{a['padded_image_samples_per_image']:.1f} | {a['share']:.3f} | "
                          f"{a['smallest_fixed_n_reaching_share']} | {a['gain']} | {a['seconds']:.2f} |")
     return "\n".join(lines)
 
@@ -156,6 +177,7 @@ def main() -> None:
     parser.add_argument("--min-samples", type=int, default=8)
     parser.add_argument("--max-samples", type=int, default=64)
     parser.add_argument("--margins", help="stopping margins C to run, comma-separated (default: the engine's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (the median is kept)")
     parser.add_argument("--check-keys", type=int, default=4)
     parser.add_argument("--demo-data", default=str(ROOT / "demo_data"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "adaptive.json"))
