@@ -2,7 +2,7 @@
 
 Two parts, in one script:
 
-1. **Measure** (TensorFlow, a few minutes per model on 2 CPU cores). For each
+1. **Measure** (TensorFlow, about 10 minutes per model on 2 CPU cores). For each
    model (``demo``: the demo CNN on ``demo_data/``; ``second``: the
    grating-orientation model of ``benchmarks/second_task.py``) and its first
    ``--images`` test images, and for every N of a grid (every even N from 4 to
