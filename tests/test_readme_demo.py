@@ -251,3 +251,8 @@ def test_samples_auto_on_the_demo_stops_images_at_different_counts_with_the_fixe
                            chunk=1)(pixels[row["key"]][None], [row["key"]])
         stored = np.asarray(row["saliency"], np.float32).reshape(fixed.maps.shape[1:])
         np.testing.assert_allclose(stored, fixed.maps[0], rtol=1e-5, atol=1e-6 * float(np.abs(stored).max()))
+    # the report of an auto run shows how many samples the maps took
+    from pipelines import report
+
+    assert report.main([str(run_dir), "--out", str(folder / "auto-report")]) == 0
+    assert (folder / "auto-report" / "img" / "hist-samples_used.png").stat().st_size > 0

@@ -40,7 +40,7 @@ DEFAULT_MIN_SAMPLES = 8
 DEFAULT_MAX_SAMPLES = 64
 
 #: The stopping margin is ``MARGIN / n`` above the target (calibrated: see the README).
-MARGIN = 0.16
+MARGIN = 0.26
 
 
 def estimate(reliability) -> np.ndarray:
