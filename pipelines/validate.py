@@ -190,6 +190,7 @@ def explain_one(config: Config, planned) -> dict:
     return {"key": key, "zero_image": example is None, "note": note, "seconds": time.perf_counter() - started,
             "jit": engine.jit_used, "target": ",".join(str(int(t)) for t in np.asarray(result.targets).ravel()),
             "score": float(np.asarray(result.scores).ravel()[0]), "map_shape": list(maps.shape[1:]),
+            "samples_used": int(result.samples_used[0]),
             "max_abs": largest}
 
 
@@ -215,11 +216,12 @@ def check_run(config: Config, beam_args=()) -> dict:
     image = ("a zero image (" + figures["note"] + ")") if figures["zero_image"] else figures["key"]
     logger.info(
         "Valid, nothing run: runner %s; input %d file(s)%s; model %s (%s, %s classes); %s explained on CPU at "
-        "batch size 1 in %.1f s (jit %s, N=%d, precision %s): target %s, score %.4g, map %s, max |map| %.3g; "
+        "batch size 1 in %.1f s (jit %s, N=%s, precision %s): target %s, score %.4g, map %s, max |map| %.3g; "
         "baseline %s; run folder %s%s.",
         runner, files, f", {records:,} records" if records is not None else "", config.model,
         "x".join(str(size) for size in planned.info.input_shape), planned.info.classes, image,
-        figures["seconds"], figures["jit"], config.samples, config.precision, figures["target"], figures["score"],
+        figures["seconds"], figures["jit"],
+        f"auto: {figures['samples_used']}" if config.samples == "auto" else config.samples, config.precision, figures["target"], figures["score"],
         "x".join(str(size) for size in figures["map_shape"]), figures["max_abs"], figures["baseline"] or "none",
         run_dir, " (holds a completed run: overwrite is on)" if completed else "")
     return figures

@@ -60,6 +60,17 @@ def test_validate_only_figures_and_the_run_it_checked(dataset):
     assert figures["map_shape"] == [16, 16] and figures["max_abs"] > 0 and figures["baseline"] is None
 
 
+def test_validate_only_with_samples_auto_says_how_many_samples_its_image_took(dataset, caplog):
+    from pipelines.validate import check_run
+
+    command = parse_command(_args(dataset, "--validate_only", "--samples", "auto", "--min_samples", "2",
+                                  "--max_samples", "6"))
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        figures = check_run(command.config, command.beam_args)
+    assert figures["samples_used"] in (2, 4, 6)
+    assert f"N=auto: {figures['samples_used']}," in caplog.records[-1].getMessage()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--input", "/nonexistent/*.tfrecord"], "matches no file"),
     (["--image_feature", "image/png"], "none of the first 3 records of"),
