@@ -105,6 +105,8 @@ def test_fixed_samples_report_their_count_for_every_image(model, images):
     pixels, keys = images
     result = SmoothGrad(model, samples=6, batch_size=4, jit="graph")(pixels, keys)
     np.testing.assert_array_equal(result.samples_used, np.full(10, 6))
+    empty = SmoothGrad(model, samples="auto", **COMMON)(pixels[:0], [])
+    assert empty.maps.shape == (0, SIZE, SIZE) and empty.samples_used.shape == (0,)
 
 
 def test_resume_takes_only_unfinished_images_at_one_count(model, images):

@@ -109,6 +109,10 @@ class AdaptiveStages:
 
     def _run_adaptive(self, images: np.ndarray, keys: list[str], given: np.ndarray) -> dict:
         """Every stage in this process: the unfinished images of each stage re-batched for the next."""
+        if not images.shape[0]:  # no image: empty fields of the right shapes
+            empty = self._run_fixed(images, keys, given)
+            empty.pop("state")
+            return dict(empty, samples_used=np.zeros(0, np.int32))
         partials = self.begin(images, keys, given)
         while True:
             todo = [index for index, partial in enumerate(partials) if not partial.done]
@@ -118,6 +122,7 @@ class AdaptiveStages:
             for index, partial in zip(todo, resumed):
                 partials[index] = partial
         return finished_fields(partials)
+
 
 def finished_fields(partials: Sequence[Partial]) -> dict:
     """The result fields (class axis kept) of finished :class:`~transforms.adaptive.Partial`, one per image."""
