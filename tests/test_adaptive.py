@@ -138,6 +138,8 @@ def test_the_estimate_the_stages_and_the_threshold():
     assert stage_boundaries(8, 64) == (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
     assert stage_boundaries(4, 12) == (4, 8, 12) and stage_boundaries(8, 8) == (8,)
     assert stage_boundaries(10, 45) == (10, 12, 16, 20, 24, 28, 32, 40, 45)
+    assert stage_boundaries(8, 160)[-6:] == (64, 80, 96, 112, 128, 160)
+    assert len(stage_boundaries(8, 1024)) == 27  # four stages per doubling: a bounded number of steps
     rule = AdaptiveSamples()
     assert rule.threshold(8) > rule.threshold(16) > rule.threshold(64) > rule.target
     # a NaN reliability (a constant half-map) never counts as converged

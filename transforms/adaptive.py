@@ -3,7 +3,7 @@
 With ``samples="auto"`` the engine does not spend the same number of noisy
 samples on every image. Each image is explained in stages whose ends are
 :meth:`AdaptiveSamples.boundaries` (by default 8, 12, 16, 20, 24, 28, 32, 40,
-48, 56, 64): after each stage, the images whose map is estimated to have
+48, 56, 64; the step doubles with the count beyond 64): after each stage, the images whose map is estimated to have
 converged stop; only the others go on with the next samples of their own noise
 sequence. Because the noise of sample ``s`` of an image depends only on (seed,
 key, s), an image stopped after n samples has exactly the map a fixed
@@ -60,15 +60,28 @@ def estimate(reliability) -> np.ndarray:
 
 
 def stage_boundaries(min_samples: int, max_samples: int) -> tuple[int, ...]:
-    """The sample counts at which images may stop: ``min_samples``, then every 4 to 32, every 8 after, ``max_samples``.
+    """The sample counts at which images may stop.
+
+    ``min_samples``; then every 4 samples up to 32, every 8 up to 64, every 16
+    up to 128, and so on (the step doubles each time the count does, so a large
+    ``max_samples`` adds only four stages per doubling); then ``max_samples``.
+    Every step after the first stage is a multiple of 4 except possibly the
+    last one, which ends at ``max_samples``.
 
     Example:
         >>> stage_boundaries(8, 64)
         (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
-        >>> stage_boundaries(10, 40)
-        (10, 12, 16, 20, 24, 28, 32, 40)
+        >>> stage_boundaries(10, 45)
+        (10, 12, 16, 20, 24, 28, 32, 40, 45)
+        >>> stage_boundaries(8, 160)[-7:]
+        (56, 64, 80, 96, 112, 128, 160)
     """
-    grid = [n for n in range(4, 33, 4)] + [n for n in range(40, max_samples, 8)]
+    grid, step, n = [], 4, 4
+    while n < max_samples:
+        grid.append(n)
+        if n >= 32 and n & (n - 1) == 0:  # a power of two from 32 on: the step doubles
+            step = n // 4
+        n += step
     return (min_samples,) + tuple(n for n in grid if min_samples < n < max_samples) + \
         ((max_samples,) if max_samples > min_samples else ())
 
