@@ -98,7 +98,7 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
         array([1.5, 0. , 1.5])
     """
     values = np.asarray(values)
-    order = np.argsort(values, kind="stable")
+    order = np.argsort(values)  # ties get their average rank below, so their order does not matter
     ordered = values[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     counts = np.diff(np.r_[starts, values.size])
