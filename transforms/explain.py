@@ -259,11 +259,8 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
     def _explain(self, model, batch: list) -> list[Explained]:
         if self.stage is not None:
             return self._explain_stage(model, batch)
-        targets = None
-        if str(self.settings.engine.get("target", "top1")) == "label":
-            targets = np.array([example.label for example in batch], np.int64)
         output = model.explain(np.stack([example.image for example in batch]),
-                               [example.key for example in batch], targets)
+                               [example.key for example in batch], self._label_targets(batch))
         self.compiles.inc(output.new_compiles)
         result = output.result
         return [Explained(example, maps=result.maps[position], targets=result.targets[position],
@@ -274,14 +271,17 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
                           samples_used=int(result.samples_used[position]), jit_used=output.jit_used)
                 for position, example in enumerate(batch)]
 
+    def _label_targets(self, examples: list[Example]) -> np.ndarray | None:
+        """The records' labels as the classes to explain with ``target: label``; else None."""
+        if str(self.settings.engine.get("target", "top1")) != "label":
+            return None
+        return np.array([example.label for example in examples], np.int64)
+
     def _explain_stage(self, model, batch: list) -> list[Explained]:
         if self.stage == 0:
             examples = batch
-            targets = None
-            if str(self.settings.engine.get("target", "top1")) == "label":
-                targets = np.array([example.label for example in examples], np.int64)
             output = model.begin(np.stack([example.image for example in examples]),
-                                 [example.key for example in examples], targets)
+                                 [example.key for example in examples], self._label_targets(examples))
         else:
             examples = [item.example for item in batch]
             output = model.resume(np.stack([example.image for example in examples]),

@@ -22,6 +22,7 @@ share one more, in a process of its own.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Sequence
 
 import apache_beam as beam
@@ -131,8 +132,6 @@ class ExplainInStages(beam.PTransform):
         self.boundaries = tuple(boundaries)
 
     def expand(self, examples):
-        import uuid
-
         first = SmoothGradModelHandler(self.settings, self.batch_size, self.model_copies, stage=0)
         explained = examples | f"Samples{self.boundaries[0]}" >> RunInference(first)
         model_tag = f"smoothgrad-audit-stages-{uuid.uuid4().hex}"
