@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Sequence
@@ -44,7 +45,9 @@ import keras
 
 from transforms.adaptive import DEFAULT_MAX_SAMPLES, DEFAULT_MIN_SAMPLES, DEFAULT_TARGET, AdaptiveSamples
 from transforms.errors import bad_option
-from transforms.jit import JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers
+from transforms.device import current_device_kind
+from transforms.jit import (JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers,
+                            visible_accelerators)
 from transforms.noise import NOISE_MODES, key_seed, sigma_per_image
 from transforms.precision import PRECISIONS, with_precision
 from transforms.result import SmoothGradResult
@@ -174,6 +177,9 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
         self.model = model
         self.jit_used, self.jit_reason = choose_jit(model, jit)
         self._jit_requested = jit
+        # On a CPU each image's clean forward pass runs alone (see CompiledSteps._clean_scores); on a GPU or
+        # TPU a loop of single-image passes would cost a large share of the batch, so it stays batched.
+        self.clean_alone = not visible_accelerators()
         self._calls_done = 0
         self.precision = precision
         self._score_fn, self.scores_from = score_function(with_precision(model, precision), logits=self.logits)
@@ -208,6 +214,11 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
         if any(dim is None for dim in shape[1:]):
             return None
         return tuple(int(dim) for dim in shape[1:])
+
+    @functools.cached_property
+    def device(self) -> str:
+        """The kind of device the maps are computed on (:func:`transforms.device.device_kind`)."""
+        return current_device_kind()
 
     @property
     def compile_count(self) -> int:

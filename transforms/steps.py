@@ -24,6 +24,20 @@ class CompiledSteps:
         scores = self._score_fn(images)
         return tf.reshape(tf.cast(scores, tf.float32), [tf.shape(images)[0], -1])
 
+    def _clean_scores(self, images):
+        """The clean scores ``[B, classes]``, each image scored alone, as a batch of one.
+
+        Matrix kernels may give a row different last bits depending on where it
+        sits in the batch (Eigen's do on CPUs without AVX-512). Scored alone, an
+        image's score, and so its target, rank and prediction, are the same
+        whatever its batch and position. A loop of single-image forward passes
+        costs a little against the ``samples`` noisy gradients of each image on
+        a CPU; on a GPU or TPU (``clean_alone`` False) the batch is scored at once.
+        """
+        if not self.clean_alone:
+            return self._scores(images)
+        return tf.map_fn(lambda image: self._scores(image[None])[0], images, fn_output_signature=tf.float32)
+
     def _gradients(self, images, seeds, targets, sigma, stage_first=0):
         """``gradients(first, size)`` for :func:`accumulate`: samples ``stage_first + first ...``, noised."""
         batch, height, width, channels = images.shape
@@ -47,7 +61,7 @@ class CompiledSteps:
         batch, height, width, channels = images.shape
         k, chunk = self.target.maps_per_record, self.chunk
         samples = self.adaptive.min_samples if self.adaptive else self.samples
-        clean = self._scores(images)
+        clean = self._clean_scores(images)
         predicted = tf.argmax(clean, axis=-1, output_type=tf.int32)
         targets = self.target.choose(clean, given_targets)
         scores = tf.gather(clean, targets, batch_dims=1)
