@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from transforms.device import CPU_KERNELS, DEFAULT_CPU_KERNELS
 from transforms.postprocess import Normalization
 from transforms.preprocess import PREPROCESS_MODES, Preprocessing
 from transforms.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, REDUCTIONS, VARIANTS, Target
@@ -226,6 +227,11 @@ class Config:
                       _one_of(JIT_MODES))
     precision: str = _field("float32", f"Model compute dtype, one of {PRECISIONS} (a mixed-precision clone "
                                        "of the model; noise, sums and maps stay float32).", _one_of(PRECISIONS))
+    cpu_kernels: str = _field(DEFAULT_CPU_KERNELS,
+                              f"TensorFlow's CPU kernel library, one of {CPU_KERNELS} (sets TF_ENABLE_ONEDNN_OPTS "
+                              "before TensorFlow is imported, in the launcher and every worker). oneDNN measured "
+                              "faster on x86 CPUs with and without AVX-512; the two round last bits differently.",
+                              _one_of(CPU_KERNELS))
     seed: int = _field(0, "Global noise seed; an example's noise depends on (seed, key, sample).", _whole())
     dtype: str = _field("float32", f"Stored saliency dtype, one of {DTYPES} (float16 halves storage; "
                                    "raw maps outside its range become errors).", _one_of(DTYPES))
