@@ -3,9 +3,13 @@
 ``baseline: RUN_DIR`` names a completed run; ``baseline: latest`` the most
 recently finished completed run under the same ``output`` folder (this run's
 own folder excluded). A baseline is used only when its **fingerprint** (every
-setting that decides a map, the model's and weights' hashes, and the
-TensorFlow and Keras versions) equals this run's; otherwise one log line names
-the fields that differ and every record is explained.
+setting that decides a map, the model's and weights' hashes, the TensorFlow
+and Keras versions, and the kind of device the maps were computed on: CPU
+model, vector extensions and kernel library, or GPU model) equals this run's;
+otherwise one log line names the fields that differ, with both values, and
+every record is explained. When the workers run elsewhere (Dataflow) the
+launcher cannot tell their device: each worker compares its own with the
+baseline's and explains every record itself if they differ.
 
 A named baseline that is missing, incomplete (no manifest), or whose listed
 files are missing or unreadable is a configuration error, reported in one line
@@ -31,7 +35,7 @@ logger = logging.getLogger(__name__)
 MAP_KEYS = ("image_size", "resize_method", "preprocess", "image_feature", "label_feature", "id_feature",
             "raw_feature", "raw_shape", "mask_feature", "max_image_pixels",
             "samples", "target_reliability", "min_samples", "max_samples", "noise", "noise_mode", "variant", "reduce", "target", "logits", "batch_size", "chunk",
-            "jit", "precision", "seed", "dtype", "normalize", "downsample")
+            "jit", "precision", "cpu_kernels", "seed", "dtype", "normalize", "downsample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,20 +47,27 @@ class Baseline:
         path: its run folder.
         parts: what the pipeline indexes: ``("saliency", shard, row_group)`` per
             row group and ``("errors", file, -1)`` per errors file.
+        device: the kind of device its maps were computed on (None for a run
+            made before this was recorded).
     """
 
     run_id: str
     path: str
     parts: tuple
+    device: str | None = None
 
 
-def fingerprint(config: Config, model_info, engine_chunk: int) -> dict:
+def fingerprint(config: Config, model_info, engine_chunk: int, device: str | None = None) -> dict:
     """Everything besides a record's bytes and key that decides its rows.
 
     Args:
         config: this run's configuration.
         model_info: the :class:`transforms.models.ModelInfo` of the model.
         engine_chunk: the chunk the engine resolved (a default chunk depends on the machine).
+        device: the kind of device the maps are computed on
+            (:func:`transforms.device.device_kind`); None when the launcher
+            cannot tell (workers elsewhere): the workers then check it, and the
+            manifest records the kinds they reported.
 
     Returns:
         A flat JSON-able dict.
@@ -72,8 +83,38 @@ def fingerprint(config: Config, model_info, engine_chunk: int) -> dict:
         model_sha256=model_info.sha256,
         model_source=None if model_info.sha256 else model_info.source,  # e.g. keras.applications:<Name>
         weights=weights if weights in (None, "imagenet") else storage.sha256(weights),
-        tensorflow=tf.__version__, keras=keras.__version__)
+        tensorflow=tf.__version__, keras=keras.__version__, device=device)
     return json.loads(json.dumps(figures, default=str))  # as the manifest will hold it
+
+
+#: Runners whose workers run on this machine (in this process, or in processes it starts with its environment).
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "PrismRunner")
+
+
+def expected_device(beam_args, engine, cpu_kernels: str) -> str | None:
+    """The kind of device this run's maps will be computed on, when the launcher can tell; else None.
+
+    Args:
+        beam_args: the Beam options of the run.
+        engine: the launcher's :class:`transforms.smoothgrad.SmoothGrad` (built on this machine).
+        cpu_kernels: the run's ``cpu_kernels``: the library of worker processes this one starts.
+
+    Returns:
+        For a runner whose workers run on this machine: its :func:`transforms.device.device_kind`
+        (in this process: the kernel library in effect here; in worker processes: ``cpu_kernels``).
+        None for any other runner (Dataflow, a portable runner's remote workers).
+    """
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+    from transforms.device import device_kind
+
+    options = PipelineOptions(list(beam_args))
+    runner = str(options.view_as(StandardOptions).runner or "FnApiRunner").rsplit(".", 1)[-1]
+    if runner not in LOCAL_RUNNERS:
+        return None
+    if engine.device.startswith("gpu") or options.view_as(DirectOptions).direct_running_mode != "multi_processing":
+        return engine.device
+    return device_kind("CPU", cpu_kernels)
 
 
 def _read_manifest(run_dir: str) -> dict | None:
@@ -144,7 +185,9 @@ def resolve(config: Config, run_fingerprint: dict) -> Baseline | None:
         state = "is incomplete (it has no _MANIFEST.json)" if storage.exists(run_dir) else "does not exist"
         raise ConfigError(f"config key 'baseline': {run_dir} {state}; name a completed run folder or 'latest'.")
     theirs = manifest.get("fingerprint") or {}
-    differing = sorted(key for key in set(theirs) | set(run_fingerprint) if theirs.get(key) != run_fingerprint.get(key))
+    unknown_here = {"device"} if run_fingerprint.get("device") is None else set()  # the workers check it
+    differing = sorted(key for key in (set(theirs) | set(run_fingerprint)) - unknown_here
+                       if theirs.get(key) != run_fingerprint.get(key))
     if differing:
         shown = ", ".join(f"{key} ({theirs.get(key)!r} there, {run_fingerprint.get(key)!r} here)"
                           for key in differing[:4]) + (", ..." if len(differing) > 4 else "")
@@ -155,4 +198,4 @@ def resolve(config: Config, run_fingerprint: dict) -> Baseline | None:
     parts = _parts(run_dir, manifest)
     logger.info("Baseline %s (run %s): records with the same key and content reuse its rows.", run_dir,
                 manifest.get("run_id"))
-    return Baseline(run_id=str(manifest.get("run_id")), path=run_dir, parts=parts)
+    return Baseline(run_id=str(manifest.get("run_id")), path=run_dir, parts=parts, device=theirs.get("device"))

@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
-from pipelines.baseline import Baseline, fingerprint
+from pipelines.baseline import Baseline, expected_device, fingerprint
 from pipelines.baseline import resolve as resolve_baseline
 from pipelines.command_line import parse_command
 from pipelines.config import Config, ConfigError
@@ -33,6 +33,7 @@ from transforms import corpus, postprocess, storage
 from transforms import schema as corpus_schema
 from transforms.baseline import UseBaseline
 from transforms.decode import DecodeRecords, DecodeSettings
+from transforms.device import CPU_KERNELS, request_cpu_kernels
 from transforms.errors import ERRORS
 from transforms.explain import ExplainSettings, SmoothGradModelHandler
 from transforms.explain_stages import ExplainInStages
@@ -52,6 +53,19 @@ logger = logging.getLogger("pipelines.smoothgrad_audit")
 # --runner we use the in-process engine that DirectRunner falls back to.
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 DECODE_BATCH = 32
+
+
+class WorkerKernelOptions(PipelineOptions):
+    """``cpu_kernels`` as a pipeline option, so that it travels to every SDK worker with the job's options.
+
+    A worker reads it from its ``PIPELINE_OPTIONS`` when ``transforms`` is imported, before TensorFlow
+    (:func:`transforms.device.apply_on_import`). The launcher sets it from the config.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--cpu_kernels", default=None, choices=CPU_KERNELS,
+                            help="TensorFlow's CPU kernel library on the workers (set from the config).")
 
 
 def _check_inputs(config: Config) -> None:
@@ -192,11 +206,13 @@ def count_inputs(patterns: list[str]) -> int | None:
 
 
 def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, started_at: str,
-          progress: ProgressSettings | None = None, baseline: Baseline | None = None):
+          progress: ProgressSettings | None = None, baseline: Baseline | None = None, device: str | None = None):
     """Adds the named steps of the audit to ``pipeline``; returns the manifest PCollection.
 
     ``progress``: where the steps report records done (log lines while the run goes); None for none.
     ``baseline``: a checked baseline run whose rows unchanged records reuse; None to explain every record.
+    ``device``: the kind of device the workers compute on, when the launcher can tell
+    (:func:`pipelines.baseline.expected_device`); None: the workers check a baseline's device themselves.
     """
     info, target = planned.info, config.target
     parameters = dict(planned.engine.parameters())
@@ -210,8 +226,9 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                   "scores_from": planned.engine.scores_from},
         "input": list(config.input),
         "config": config.as_dict(),
-        "fingerprint": fingerprint(config, info, planned.engine.chunk),
-        "baseline": {"run_id": baseline.run_id, "path": baseline.path} if baseline else None,
+        "fingerprint": fingerprint(config, info, planned.engine.chunk, device),
+        "baseline": {"run_id": baseline.run_id, "path": baseline.path, "device": baseline.device}
+        if baseline else None,
     }
     mask_columns = bool(config.mask_feature)
     saliency_schema = corpus_schema.saliency_schema(planned.map_shape, config.dtype, mask_columns=mask_columns,
@@ -225,8 +242,8 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
 
     records, read_errors = pipeline | "ReadRecords" >> ReadTFRecords(config.input)
     if baseline is not None:
-        to_explain, reread_errors, carried, outcomes = records | "Baseline" >> UseBaseline(baseline.parts,
-                                                                                            config.id_feature)
+        to_explain, reread_errors, carried, outcomes = records | "Baseline" >> UseBaseline(
+            baseline.parts, config.id_feature, device=baseline.device if device is None else None)
         read_errors = (read_errors, reread_errors) | "ReadErrors" >> beam.Flatten()
     else:
         to_explain, carried = records, None
@@ -242,7 +259,8 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
             explain_settings, config.batch_size, config.model_copies, planned.engine.adaptive.boundaries)
     rows = explained | "ToRows" >> beam.ParDo(ToRows(row_settings, progress)).with_outputs(ERRORS, main="rows")
     all_rows = rows.rows if carried is None else {"": rows.rows, "Reused": carried}  # written apart
-    jit_used = explained | "JitUsed" >> beam.FlatMap(lambda result: [result.jit_used] if result.jit_used else [])
+    engines_used = explained | "EngineUsed" >> beam.FlatMap(
+        lambda result: [(result.jit_used, result.device)] if result.jit_used else [])
     errors = (read_errors, decoded[ERRORS], rows[ERRORS]) | "AllErrors" >> beam.Flatten()
     if progress is not None:
         _ = errors | "ProgressErrors" >> beam.ParDo(ReportProgress(progress, "error"))
@@ -256,7 +274,7 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                   | "SanityChecks" >> beam.Map(run_sanity_checks, explain_settings))
     else:
         sanity = pipeline | "NoSanityChecks" >> beam.Create([])
-    return ((records, all_rows, errors, jit_used, sanity, outcomes)
+    return ((records, all_rows, errors, engines_used, sanity, outcomes)
             | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header, target.maps_per_record,
                                                   config.num_shards, mask_columns=mask_columns))
 
@@ -283,17 +301,24 @@ def run(argv=None, save_main_session=True, test_pipeline=None, wait=True):
 def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeline=None, wait=True):
     """Runs one audit from a validated :class:`Config` and Beam arguments (see :func:`run` for ``wait``)."""
     started_at = corpus.now_utc()
+    kernels_here = request_cpu_kernels(config.cpu_kernels)  # for the worker processes this one starts
     planned = plan(config)
-    baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk))
+    device = expected_device(beam_args, planned.engine, config.cpu_kernels)
+    if kernels_here is not None and device is not None and device.endswith(kernels_here):
+        logger.warning("cpu_kernels: %s asked, but TensorFlow was imported in this process before the run, with "
+                       "%s; maps computed in this process use %s, and the manifest says so (the smoothgrad-audit "
+                       "command applies the choice itself).", config.cpu_kernels, kernels_here, kernels_here)
+    baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk, device))
     run_dir = prepare_run_dir(config)
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = DEFAULT_RUNNER
     options.view_as(SetupOptions).save_main_session = save_main_session
+    options.view_as(WorkerKernelOptions).cpu_kernels = config.cpu_kernels  # read by SDK workers before TensorFlow
     pipeline = test_pipeline or beam.Pipeline(options=options)
     expected = count_inputs(config.input)
     progress = ProgressSettings(run_dir, config.progress_seconds, expected)
-    build(pipeline, config, planned, run_dir, started_at, progress, baseline)
+    build(pipeline, config, planned, run_dir, started_at, progress, baseline, device)
     logger.info("Writing the corpus to %s%s", run_dir, f" ({expected:,} input records)" if expected is not None else "")
     try:
         result = pipeline.run()
@@ -321,6 +346,27 @@ def _log_summary(run_dir: str) -> None:
                 run_dir)
 
 
+_RESTARTED = "SMOOTHGRAD_AUDIT_RESTARTED_FOR_KERNELS"
+
+
+def _restart_for_kernels(kernels: str) -> None:
+    """Starts this command again in a fresh process when TensorFlow is loaded here with the other kernel library.
+
+    TensorFlow reads its kernel choice once, when imported, and this module
+    imports it; so ``cpu_kernels`` other than the library loaded here (e.g.
+    ``eigen``, or ``onednn`` under an exported ``TF_ENABLE_ONEDNN_OPTS=0``)
+    takes one restart of the command (a few seconds), with the variable set.
+    Only the console command does this; a caller of :func:`run` keeps its process.
+    """
+    if request_cpu_kernels(kernels) is None or os.environ.get(_RESTARTED):
+        return
+    os.environ[_RESTARTED] = "1"
+    logger.info("cpu_kernels: %s: starting the command again so that TensorFlow loads it.", kernels)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "pipelines.smoothgrad_audit", *sys.argv[1:]])
+
+
 #: Sub-commands beside the default (running an audit): name → module with ``main(argv) -> int``.
 SUBCOMMANDS = {"report": "pipelines.report", "compare": "pipelines.compare"}
 
@@ -333,6 +379,7 @@ def main(argv=None, wait=True) -> int:
     ``smoothgrad-audit report RUN_DIR`` and ``smoothgrad-audit compare RUN_A RUN_B``
     look at finished runs.
     """
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
@@ -346,6 +393,8 @@ def main(argv=None, wait=True) -> int:
     for name in ("pipelines", "transforms"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
+        if from_console:
+            _restart_for_kernels(parse_command(argv).config.cpu_kernels)
         run(argv, wait=wait)
     except ConfigError as error:
         print(f"smoothgrad-audit: error: {error}", file=sys.stderr)

@@ -200,14 +200,15 @@ def check_run(config: Config, beam_args=()) -> dict:
     Raises:
         ConfigError: the first problem found, in one line.
     """
-    from pipelines.baseline import fingerprint
+    from pipelines.baseline import expected_device, fingerprint
     from pipelines.baseline import resolve as resolve_baseline
     from pipelines.smoothgrad_audit import check_run_dir, count_inputs, plan
 
     runner = check_options(config, beam_args)
     planned = plan(config)
     run_dir, completed = check_run_dir(config)
-    baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk))
+    device = expected_device(beam_args, planned.engine, config.cpu_kernels)
+    baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk, device))
     figures = explain_one(config, planned)
     files = sum(len(match.metadata_list) for match in FileSystems.match(list(config.input)))
     records = count_inputs(config.input)

@@ -30,7 +30,7 @@ ALLOWED = {
     r"^(No)?SanityChecks": "the sanity figures, one dict",
     r"^WriteCorpus/\w+PerFile\w*/": "(kind, file) counts, combined in the producing stage",
     r"^WriteCorpus/AllCounts": "(kind, file) counts",
-    r"^WriteCorpus/DistinctJit/": "jit modes, de-duplicated in the producing stage",
+    r"^WriteCorpus/DistinctEngines/": "(jit mode, device kind) pairs, de-duplicated in the producing stage",
     r"^WriteCorpus/(No)?Quality": "three running sums",
     r"^WriteCorpus/CountOutcomes/": "the baseline join's outcome counts, combined in the producing stage",
     r"^WriteCorpus/(SaliencyFiles|QualityParts|QualityTotals\w*/)": "file names; one quality sum per branch",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 
 import apache_beam as beam
 import numpy as np
@@ -31,6 +32,8 @@ from apache_beam.metrics import Metrics
 
 from transforms.errors import ERRORS, NAMESPACE, error_row
 from transforms.records import Record, ReadError, read_records, record_key
+
+logger = logging.getLogger(__name__)
 
 #: The join's outcome per record of this run (and ``removed`` per baseline key absent here).
 OUTCOMES = ("reused", "new", "changed", "retried", "removed")
@@ -156,8 +159,22 @@ class Decide(beam.DoFn):
     ``outcome``: one of :data:`OUTCOMES` per record (and per removed key).
     """
 
-    def __init__(self):
+    def __init__(self, device: str | None = None):
         self.counters = {outcome: Metrics.counter(NAMESPACE, f"records_{outcome}") for outcome in OUTCOMES}
+        self.device = device
+        self.other_device = False
+
+    def setup(self):
+        # Set when the launcher could not tell the workers' device: each worker compares its own.
+        if self.device is None:
+            return
+        from transforms.device import current_device_kind
+
+        here = current_device_kind()
+        self.other_device = here != self.device
+        if self.other_device:
+            logger.warning("Baseline not reused on this worker: its maps were computed on %s, this worker computes "
+                           "on %s. Explaining every record here.", self.device, here)
 
     def _outcome(self, outcome: str):
         self.counters[outcome].inc()
@@ -170,6 +187,8 @@ class Decide(beam.DoFn):
         if not now:
             yield self._outcome("removed")
             return
+        if self.other_device:  # nothing of the baseline counts on another kind of device
+            then = []
         stored_rows = [entry for entry in then if not entry.failed]
         for seen in now:
             matching = [entry for entry in stored_rows if entry.sha256 == seen.sha256]
@@ -248,6 +267,9 @@ class UseBaseline(beam.PTransform):
         parts: the baseline's parts to index: ``("saliency", shard, row_group)``
             and ``("errors", file, -1)`` (listed by the launcher from the files' footers).
         id_feature: the config's ``id_feature``.
+        device: the baseline's device kind, when the launcher could not compare
+            it with the workers' (each worker then does, and reuses nothing if
+            its own differs); None when the launcher checked it.
 
     Returns (from ``expand``):
         ``(records, errors, carried_rows, outcomes)``: the records to decode and
@@ -256,10 +278,11 @@ class UseBaseline(beam.PTransform):
         string (:data:`OUTCOMES`) per record and per removed key.
     """
 
-    def __init__(self, parts: list, id_feature: str | None):
+    def __init__(self, parts: list, id_feature: str | None, device: str | None = None):
         super().__init__()
         self.parts = list(parts)
         self.id_feature = id_feature
+        self.device = device
 
     def expand(self, records):
         """Adds the join's steps."""
@@ -270,7 +293,7 @@ class UseBaseline(beam.PTransform):
                   | "IndexBaseline" >> beam.ParDo(IndexBaseline()))
         decided = ({"now": seen, "then": stored}
                    | "JoinByKey" >> beam.CoGroupByKey()
-                   | "Decide" >> beam.ParDo(Decide()).with_outputs(CARRY, OUTCOME, main="explain"))
+                   | "Decide" >> beam.ParDo(Decide(self.device)).with_outputs(CARRY, OUTCOME, main="explain"))
         reread = decided.explain | "ReReadRecords" >> beam.ParDo(ReReadRecords()).with_outputs(ERRORS, main="records")
         carried = (decided[CARRY]
                    | "GroupByRowGroup" >> beam.GroupByKey()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import datetime
 import json
+import logging
 import platform
 import uuid
 
@@ -18,6 +19,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import WriteToParquetBatched
 
 from transforms import schema as corpus_schema
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "_MANIFEST.json"
 #: The baseline join's outcomes counted in the manifest as ``records_<outcome>`` (reused is counted from rows).
@@ -42,7 +45,7 @@ def versions() -> dict:
             "pyarrow": pyarrow.__version__, "numpy": numpy.__version__}
 
 
-def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
+def summarise(counts: list, maps_per_record: int, engines_used=()) -> dict:
     """Totals and per-file figures for the manifest.
 
     Args:
@@ -51,7 +54,7 @@ def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
             ``rows``, ``error:<stage>`` or ``samples:<n>`` (records whose maps
             took n noisy samples).
         maps_per_record: rows per explained record.
-        jit_used: the compilation modes the engines ran in.
+        engines_used: ``(jit mode, device kind)`` of the engines that ran.
 
     Returns:
         The manifest's count fields, the invariant check and per-file figures.
@@ -96,7 +99,8 @@ def summarise(counts: list, maps_per_record: int, jit_used=()) -> dict:
     totals["errors_total"] = sum(totals["errors"].values())
     totals["maps_per_record"] = maps_per_record
     totals["invariant_holds"] = holds(totals) and all(entry["invariant_holds"] for entry in per_file.values())
-    totals["jit_used"] = sorted(set(jit_used))
+    totals["jit_used"] = sorted({jit for jit, _ in engines_used})
+    totals["devices_used"] = sorted({device for _, device in engines_used if device})
     totals["samples_used"] = samples_distribution(samples)
     totals["files"] = dict(sorted(per_file.items()))
     return totals
@@ -126,15 +130,37 @@ def samples_distribution(samples: dict) -> dict:
             "min": ordered[0][0], "median": quantile(0.5), "p90": quantile(0.9), "max": ordered[-1][0]}
 
 
+def record_devices(manifest: dict) -> None:
+    """Puts the device kinds behind the run's rows into its fingerprint; warns when they are several.
+
+    The explained rows' kinds are ``devices_used``; rows carried over from a
+    baseline were computed on the baseline's kind. A fingerprint's ``device``
+    is the one kind, or every kind joined by `` + `` (which no single-kind run
+    matches, so such a run is never reused as a baseline).
+    """
+    kinds = set(manifest.get("devices_used") or ())
+    baseline_device = (manifest.get("baseline") or {}).get("device")
+    if manifest.get("records_reused") and baseline_device:
+        kinds.add(baseline_device)
+    fingerprint = manifest.setdefault("fingerprint", {})
+    if kinds:
+        fingerprint["device"] = " + ".join(sorted(kinds))
+    manifest["mixed_devices"] = len(kinds) > 1
+    if len(kinds) > 1:
+        logger.warning("This run's maps come from %d kinds of device, whose last bits may differ: %s.",
+                       len(kinds), "; ".join(sorted(kinds)))
+
+
 class _WriteManifest(beam.DoFn):
     def __init__(self, run_dir: str, header: dict, maps_per_record: int):
         self.run_dir = run_dir
         self.header = header
         self.maps_per_record = maps_per_record
 
-    def process(self, _, counts, jit_used, saliency_files, error_files, quality, sanity, outcomes):
+    def process(self, _, counts, engines_used, saliency_files, error_files, quality, sanity, outcomes):
         manifest = dict(self.header)
-        manifest.update(summarise(counts, self.maps_per_record, jit_used))
+        manifest.update(summarise(counts, self.maps_per_record, engines_used))
+        record_devices(manifest)
         adaptive = self.header.get("smoothgrad", {}).get("adaptive")
         if adaptive and manifest["samples_used"]["records"]:
             used = manifest["samples_used"]
@@ -193,10 +219,10 @@ class WriteCorpus(beam.PTransform):
         num_shards: saliency shards (0: runner decides).
         mask_columns: whether rows carry mass_in_mask / pointing_hit (manifest quality means).
 
-    The input is ``(records, rows, errors, jit_used, sanity, outcomes)``: the
+    The input is ``(records, rows, errors, engines_used, sanity, outcomes)``: the
     records read, the saliency rows (explained, or carried over from a baseline
-    with ``_reused``), the error rows, the compilation modes the engines ran in
-    (strings, repeats allowed), at most one dict of sanity-check figures for the
+    with ``_reused``), the error rows, the ``(jit mode, device kind)`` of the
+    engines that ran (repeats allowed), at most one dict of sanity-check figures for the
     manifest, and the baseline join's outcome per record (strings; none without
     a baseline).
     """
@@ -213,7 +239,7 @@ class WriteCorpus(beam.PTransform):
 
     def expand(self, inputs):
         """Adds the write steps; returns the PCollection of the manifest's path."""
-        records, rows, errors, jit_used, sanity, outcomes = inputs
+        records, rows, errors, engines_used, sanity, outcomes = inputs
         # Rows made in different stages (explained; carried over from a baseline) are written by a sink each,
         # in their own stage, so no flatten makes them cross a stage boundary.
         branches = rows if isinstance(rows, dict) else {"": rows}
@@ -267,7 +293,7 @@ class WriteCorpus(beam.PTransform):
             | "WriteManifest" >> beam.ParDo(
                 _WriteManifest(self.run_dir, self.header, self.maps_per_record),
                 counts=beam.pvalue.AsList(counted),
-                jit_used=beam.pvalue.AsList(jit_used | "DistinctJit" >> beam.Distinct()),
+                engines_used=beam.pvalue.AsList(engines_used | "DistinctEngines" >> beam.Distinct()),
                 saliency_files=beam.pvalue.AsList(saliency_files),
                 error_files=beam.pvalue.AsList(error_files),
                 quality=beam.pvalue.AsSingleton(quality),

@@ -155,11 +155,13 @@ def current_device_kind() -> str:
     return device_kind("GPU" if tf.config.list_logical_devices("GPU") else "CPU")
 
 
-def device_kind(device: str = "CPU") -> str:
+def device_kind(device: str = "CPU", kernels: str | None = None) -> str:
     """The kind of device that computes maps: what decides their last bits.
 
     Args:
         device: ``CPU`` or ``GPU`` (the engine's compute device).
+        kernels: for a CPU, the kernel library of the process that computes
+            (default: :func:`cpu_kernels_in_effect` here).
 
     Returns:
         For a CPU: the machine, the CPU model, the vector extensions that
@@ -176,4 +178,4 @@ def device_kind(device: str = "CPU") -> str:
         return " ".join(part for part in (
             "gpu", str(details.get("device_name") or "unknown model"),
             f"cc{capability[0]}.{capability[1]}" if capability else "") if part)
-    return f"{_cpu_description()} {cpu_kernels_in_effect()}"
+    return f"{_cpu_description()} {kernels or cpu_kernels_in_effect()}"

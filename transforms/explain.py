@@ -72,12 +72,15 @@ class EngineOutput:
             output of this engine (so that summing them counts every compile once).
         partials: with ``samples: auto``, one :class:`transforms.adaptive.Partial`
             per image instead of ``result``.
+        device: the kind of device the engine computes on
+            (:func:`transforms.device.device_kind`).
     """
 
     result: Any
     jit_used: str
     new_compiles: int
     partials: list | None = None
+    device: str | None = None
 
 
 class WorkerEngine:
@@ -124,21 +127,22 @@ class WorkerEngine:
                                              scores=result.scores[:, None],
                                              reliability=None if result.reliability is None
                                              else result.reliability[:, None])
-            return EngineOutput(result=result, jit_used=self._engine.jit_used, new_compiles=new_compiles)
+            return EngineOutput(result=result, jit_used=self._engine.jit_used, new_compiles=new_compiles,
+                                device=self._engine.device)
 
     def begin(self, images: np.ndarray, keys: Sequence[str], targets: np.ndarray | None = None) -> EngineOutput:
         """The first ``samples: auto`` stage of one batch (``output.partials``); arguments as :meth:`explain`."""
         with self._lock:
             partials = self._engine.begin(images, list(keys), targets)
             return EngineOutput(result=None, jit_used=self._engine.jit_used, new_compiles=self._new_compiles(),
-                                partials=partials)
+                                partials=partials, device=self._engine.device)
 
     def resume(self, images: np.ndarray, keys: Sequence[str], partials: list) -> EngineOutput:
         """The next ``samples: auto`` stage of unfinished images (all at one sample count)."""
         with self._lock:
             partials = self._engine.resume(images, list(keys), partials)
             return EngineOutput(result=None, jit_used=self._engine.jit_used, new_compiles=self._new_compiles(),
-                                partials=partials)
+                                partials=partials, device=self._engine.device)
 
     def _new_compiles(self) -> int:
         new_compiles = self._engine.compile_count - self._compiles_reported
@@ -159,6 +163,7 @@ class Explained:
         reliability: ``[K]`` split-half reliability of each map (NaN where it
             cannot be measured); None on failure or when not computed.
         jit_used: the engine's compilation mode; None when the engine did not run.
+        device: the kind of device that computed the maps; None when the engine did not run.
         error: the one-line reason of a failure, else None.
         samples_used: the noisy samples behind the maps; None on failure.
         partial: with ``samples: auto``, an image not finished yet: its
@@ -177,6 +182,7 @@ class Explained:
     error: str | None = None
     samples_used: int | None = None
     partial: Any = None
+    device: str | None = None
 
 
 #: The process's engine for the stages of ``samples: auto`` (a Beam ``Shared`` made when the module is imported,
@@ -268,7 +274,8 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
                           predicted=int(result.predicted[position]),
                           noise_sigma=float(result.noise_sigma[position]),
                           reliability=None if result.reliability is None else result.reliability[position],
-                          samples_used=int(result.samples_used[position]), jit_used=output.jit_used)
+                          samples_used=int(result.samples_used[position]), jit_used=output.jit_used,
+                          device=output.device)
                 for position, example in enumerate(batch)]
 
     def _label_targets(self, examples: list[Example]) -> np.ndarray | None:
@@ -287,15 +294,16 @@ class SmoothGradModelHandler(ModelHandler[Example, Explained, WorkerEngine]):
             output = model.resume(np.stack([example.image for example in examples]),
                                   [example.key for example in examples], [item.partial for item in batch])
         self.compiles.inc(output.new_compiles)
-        return [staged_result(example, partial, output.jit_used)
+        return [staged_result(example, partial, output.jit_used, output.device)
                 for example, partial in zip(examples, output.partials)]
 
 
-def staged_result(example: Example, partial, jit_used: str) -> Explained:
+def staged_result(example: Example, partial, jit_used: str, device: str | None = None) -> Explained:
     """The :class:`Explained` of one image after a stage: its maps when done, else its carried state."""
     if not partial.done:
-        return Explained(example, jit_used=jit_used, partial=partial)
+        return Explained(example, jit_used=jit_used, partial=partial, device=device)
     return Explained(example, maps=partial.maps, targets=partial.targets, target_ranks=partial.target_ranks,
                      scores=partial.scores, predicted=partial.predicted, noise_sigma=partial.noise_sigma,
-                     reliability=partial.reliability, samples_used=partial.samples, jit_used=jit_used)
+                     reliability=partial.reliability, samples_used=partial.samples, jit_used=jit_used,
+                     device=device)
 
