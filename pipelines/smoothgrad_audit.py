@@ -236,7 +236,8 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                                                               "model": header["model"]})
     decode_settings = DecodeSettings.from_config(config, planned.image_size, planned.channels, info.classes)
     explain_settings = ExplainSettings(model=config.model, weights=config.weights,
-                                       safe_mode=not config.unsafe_model_loading, engine=planned.engine_args)
+                                       safe_mode=not config.unsafe_model_loading, engine=planned.engine_args,
+                                       cpu_kernels=config.cpu_kernels)
     row_settings = RowSettings(dtype=config.dtype, normalize=config.normalize, downsample=config.downsample,
                                mask_columns=mask_columns)
 
@@ -301,13 +302,11 @@ def run(argv=None, save_main_session=True, test_pipeline=None, wait=True):
 def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeline=None, wait=True):
     """Runs one audit from a validated :class:`Config` and Beam arguments (see :func:`run` for ``wait``)."""
     started_at = corpus.now_utc()
-    kernels_here = request_cpu_kernels(config.cpu_kernels)  # for the worker processes this one starts
+    # Worker processes this one starts inherit the choice; a worker (this process too) whose TensorFlow was
+    # imported with the other library says so when it loads the model, and its device kind records what it used.
+    request_cpu_kernels(config.cpu_kernels)
     planned = plan(config)
     device = expected_device(beam_args, planned.engine, config.cpu_kernels)
-    if kernels_here is not None and device is not None and device.endswith(kernels_here):
-        logger.warning("cpu_kernels: %s asked, but TensorFlow was imported in this process before the run, with "
-                       "%s; maps computed in this process use %s, and the manifest says so (the smoothgrad-audit "
-                       "command applies the choice itself).", config.cpu_kernels, kernels_here, kernels_here)
     baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk, device))
     run_dir = prepare_run_dir(config)
     options = PipelineOptions(list(beam_args))

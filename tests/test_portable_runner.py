@@ -124,3 +124,24 @@ def test_portable_runner_with_external_workers_equals_the_in_process_runner(serv
     manifest, table = _read(tmp_path / "portable" / "run_id=again")
     assert manifest["records_reused"] == 10 and manifest["records_explained"] == 0 and manifest["invariant_holds"]
     assert table.equals(reference)  # the same rows (metadata aside: another run_id)
+
+
+def test_a_worker_pool_with_the_other_library_computes_with_it_and_the_manifest_says_so(services, tmp_path):
+    """Beam's external worker pool runs every job's workers as threads of its own process, whose TensorFlow was
+    imported by the first job: a job asking for the other library cannot change it there. Its maps are computed
+    with what the pool has, the manifest's devices_used says which, and the pool's log says why."""
+    helpers.write_image_dataset(str(tmp_path / "data"), files=1, per_file=4, size=16, classes=3)
+    model = helpers.save_tiny_cnn(str(tmp_path), size=16, classes=3)
+    used = {}
+    for kernels in ("onednn", "eigen"):
+        done = _cli(["--input", str(tmp_path / "data" / "*.tfrecord"), "--model", model, "--run_id", kernels,
+                     "--output", str(tmp_path / "out"), "--cpu_kernels", kernels, *SETTINGS, *services["args"]],
+                    cwd=str(tmp_path))
+        assert done.returncode == 0, done.stderr[-3000:]
+        manifest, _ = _read(tmp_path / "out" / f"run_id={kernels}")
+        [used[kernels]] = manifest["devices_used"]
+        assert manifest["fingerprint"]["device"] == used[kernels] and manifest["config"]["cpu_kernels"] == kernels
+    assert used["onednn"] == used["eigen"]  # one process, one library
+    other = "eigen" if used["onednn"].endswith("] onednn") else "onednn"
+    pool_log = (services["logs"] / "workers.log").read_text(errors="replace")
+    assert f"cpu_kernels: {other} asked, but TensorFlow was imported in this worker process" in pool_log

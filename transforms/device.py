@@ -39,7 +39,8 @@ _VARIABLE_VALUE = {"onednn": "1", "eigen": "0"}
 KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                 "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
 #: Environment settings that cap the vector extensions the kernels use (they emulate an older CPU).
-_ISA_CAPS = (("ONEDNN_MAX_CPU_ISA", re.compile(r"(.+)")), ("XLA_FLAGS", re.compile(r"--xla_cpu_max_isa=(\S+)")))
+_ISA_CAPS = (("ONEDNN_MAX_CPU_ISA", "onednn_max_isa", re.compile(r"(.+)")),
+             ("XLA_FLAGS", "xla_max_isa", re.compile(r"--xla_cpu_max_isa=(\S+)")))
 
 
 def cpu_kernels_env(kernels: str) -> dict:
@@ -142,7 +143,7 @@ def _cpu_description() -> str:
     except OSError:  # not Linux: the platform module's words are what there is
         model = platform.processor()
     present = sorted(flag for flag in KERNEL_FLAGS if flag in flags)
-    caps = [f"{variable.lower()}={match.group(1)}" for variable, pattern in _ISA_CAPS
+    caps = [f"{label}={match.group(1)}" for variable, label, pattern in _ISA_CAPS
             for match in [pattern.search(os.environ.get(variable, ""))] if match]
     features = "[" + " ".join(present + caps) + "]"
     return " ".join(part for part in ("cpu", platform.machine(), model or "unknown model", features) if part)

@@ -50,12 +50,15 @@ class ExplainSettings:
         weights: weights for the model source, or None.
         safe_mode: Keras safe mode for ``.keras`` files.
         engine: keyword arguments of :class:`transforms.smoothgrad.SmoothGrad`.
+        cpu_kernels: the run's kernel library; a worker whose TensorFlow was
+            imported with the other one says so (its maps use what it has).
     """
 
     model: str
     weights: str | None
     safe_mode: bool
     engine: dict
+    cpu_kernels: str | None = None
 
 
 @dataclasses.dataclass
@@ -106,6 +109,11 @@ class WorkerEngine:
         self._compiles_reported = 0
         logger.info("Loaded %s and built SmoothGrad (jit=%s) in %.1f s.", settings.model,
                     self._engine.jit_used, time.time() - started)
+        if settings.cpu_kernels and self._engine.device.startswith("cpu") \
+                and not self._engine.device.endswith(settings.cpu_kernels):
+            logger.warning("cpu_kernels: %s asked, but TensorFlow was imported in this worker process before the "
+                           "job with other kernels; its maps are computed on %s, as the manifest's devices_used "
+                           "says.", settings.cpu_kernels, self._engine.device)
 
     def explain(self, images: np.ndarray, keys: Sequence[str], targets: np.ndarray | None = None) -> EngineOutput:
         """Explains one batch.
