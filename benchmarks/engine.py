@@ -39,7 +39,7 @@ from tensorflow.python.framework.convert_to_constants import (  # noqa: E402
     convert_variables_to_constants_v2,
 )
 
-from transforms.smoothgrad import VARIANTS, SmoothGrad, choose_jit  # noqa: E402
+from transforms.engine.smoothgrad import VARIANTS, SmoothGrad, choose_jit  # noqa: E402
 
 FLOP_METHOD = ("tf.compat.v1.profiler float_operation on the frozen forward graph at batch 1 "
                "(cross-check: 2 x multiply-adds of Conv2D/DepthwiseConv2D/SeparableConv2D/Dense)")

@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-from transforms.noise import standard_normal  # noqa: E402
-from transforms.scores import score_function  # noqa: E402
-from transforms.smoothgrad import SmoothGrad  # noqa: E402
+from transforms.engine.noise import standard_normal  # noqa: E402
+from transforms.engine.scores import score_function  # noqa: E402
+from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402
 
 
 def median_seconds(call, repeats: int) -> float:

@@ -97,9 +97,9 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 from transforms.errors import one_line  # noqa: E402
-from transforms.statistics import rank_correlation  # noqa: E402
-from transforms.scores import score_function  # noqa: E402
-from transforms.smoothgrad import SmoothGrad  # noqa: E402
+from transforms.engine.statistics import rank_correlation  # noqa: E402
+from transforms.engine.scores import score_function  # noqa: E402
+from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402
 
 #: keras.applications models are built at this size (weights=None).
 APPLICATION_SIZE = 224

@@ -317,7 +317,7 @@ def engine_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     started = time.perf_counter()
     from transforms.models import load_model
-    from transforms.smoothgrad import SmoothGrad
+    from transforms.engine.smoothgrad import SmoothGrad
 
     images = np.load(spec["images"])
     keys = spec["keys"]

@@ -59,7 +59,7 @@ from pathlib import Path
 from pipelines import demo
 from pipelines.quality_report import markdown
 from pipelines.quality_study import StudySettings, run_study
-from transforms.smoothgrad import JIT_MODES
+from transforms.engine.smoothgrad import JIT_MODES
 
 
 def _floats(text: str) -> tuple[float, ...]:

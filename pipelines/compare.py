@@ -32,7 +32,7 @@ from pipelines.run_data import (
     open_run,
 )
 from transforms.corpus import now_utc
-from transforms.statistics import rank_correlation
+from transforms.engine.statistics import rank_correlation
 
 PROG = "smoothgrad-audit compare"
 #: Bytes of maps (float32) per run held at once while correlating.

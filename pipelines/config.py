@@ -18,7 +18,7 @@ import yaml
 
 from transforms.postprocess import Normalization
 from transforms.preprocess import PREPROCESS_MODES, Preprocessing
-from transforms.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, REDUCTIONS, VARIANTS, Target
+from transforms.engine.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, REDUCTIONS, VARIANTS, Target
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._=-]+")
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")

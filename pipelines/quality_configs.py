@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from pipelines.quality_figures import MaskScorer
-from transforms.smoothgrad import SmoothGrad, SmoothGradResult
+from transforms.engine.smoothgrad import SmoothGrad, SmoothGradResult
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from transforms import noise
-from transforms.smoothgrad import SmoothGrad, SmoothGradResult
+from transforms.engine import noise
+from transforms.engine.smoothgrad import SmoothGrad, SmoothGradResult
 
 logger = logging.getLogger(__name__)
 

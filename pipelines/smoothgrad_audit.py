@@ -37,12 +37,12 @@ from transforms.errors import ERRORS
 from transforms.explain import ExplainSettings, SmoothGradModelHandler
 from transforms.explain_stages import ExplainInStages
 from transforms.models import ModelError, ModelInfo, describe, load_model
-from transforms.noise import key_seed
+from transforms.engine.noise import key_seed
 from transforms.progress import Progress, ProgressSettings, ReportProgress
 from transforms.records import ReadTFRecords, count_records
 from transforms.rows import RowSettings, ToRows
 from transforms.sanity import run_sanity_checks
-from transforms.smoothgrad import SmoothGrad
+from transforms.engine.smoothgrad import SmoothGrad
 
 # Named, not __name__: under ``python -m pipelines.smoothgrad_audit`` __name__ is "__main__", whose
 # INFO lines the CLI would not show.

@@ -165,7 +165,7 @@ def explain_one(config: Config, planned) -> dict:
     """Explains one image on the CPU with the run's settings at batch size 1; returns its figures."""
     import tensorflow as tf
 
-    from transforms.smoothgrad import SmoothGrad
+    from transforms.engine.smoothgrad import SmoothGrad
 
     example, note = _first_example(config, planned)
     height, width = planned.image_size

@@ -12,11 +12,11 @@ import pytest
 from pipelines import smoothgrad_audit
 from pipelines.config import ConfigError, parse
 from tests import helpers
-from transforms.adaptive import AdaptiveSamples, Partial, estimate, stage_boundaries
+from transforms.engine.adaptive import AdaptiveSamples, Partial, estimate, stage_boundaries
 from transforms.decode import Example
 from transforms.explain import Explained, ExplainSettings
 from transforms.explain_stages import ResumeStage
-from transforms.smoothgrad import VARIANTS, SmoothGrad
+from transforms.engine.smoothgrad import VARIANTS, SmoothGrad
 
 SIZE = 16
 COMMON = dict(batch_size=4, jit="graph", min_samples=4, max_samples=16)

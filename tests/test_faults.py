@@ -15,7 +15,7 @@ import tensorflow as tf
 from pipelines import smoothgrad_audit
 from tests import helpers
 from transforms.records import encode_record
-from transforms.smoothgrad import SmoothGrad
+from transforms.engine.smoothgrad import SmoothGrad
 
 
 def _float_feature(values):

@@ -16,7 +16,7 @@ import tensorflow as tf
 from pipelines import smoothgrad_audit
 from pipelines.config import ConfigError
 from tests import helpers
-from transforms.smoothgrad import SmoothGrad
+from transforms.engine.smoothgrad import SmoothGrad
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_corpus_matches_engine_and_manifest(dataset):
     np.testing.assert_array_equal(table.column("target").to_numpy(), expected.targets)
     np.testing.assert_allclose(table.column("score").to_numpy(), expected.scores, rtol=1e-5)
     assert table.column("height").to_pylist() == [16] * 10
-    from transforms.statistics import STATISTICS, map_statistics
+    from transforms.engine.statistics import STATISTICS, map_statistics
 
     for row, saliency in enumerate(maps):  # the statistics columns describe the stored (full-resolution) map
         expected_figures = map_statistics(saliency)

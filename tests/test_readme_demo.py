@@ -224,7 +224,7 @@ def test_samples_auto_on_the_demo_stops_images_at_different_counts_with_the_fixe
     import numpy as np
     import pyarrow.parquet as pq
 
-    from transforms.smoothgrad import SmoothGrad
+    from transforms.engine.smoothgrad import SmoothGrad
 
     folder = demo_run["folder"]
     previous = os.getcwd()

@@ -94,7 +94,7 @@ class WorkerEngine:
 
     def __init__(self, settings: ExplainSettings):
         from transforms.models import load_model
-        from transforms.smoothgrad import SmoothGrad
+        from transforms.engine.smoothgrad import SmoothGrad
 
         started = time.time()
         self._model = load_model(settings.model, settings.weights, safe_mode=settings.safe_mode)

@@ -18,7 +18,7 @@ from transforms import postprocess
 from transforms.errors import ERRORS, NAMESPACE, error_row
 from transforms.explain import Explained
 from transforms.progress import CountProgress, ProgressSettings
-from transforms.statistics import map_statistics
+from transforms.engine.statistics import map_statistics
 
 
 @dataclasses.dataclass(frozen=True)

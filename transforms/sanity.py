@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from transforms.errors import one_line
-from transforms.smoothgrad import SmoothGrad
-from transforms.statistics import rank_correlation
+from transforms.engine.smoothgrad import SmoothGrad
+from transforms.engine.statistics import rank_correlation
 
 logger = logging.getLogger(__name__)
 

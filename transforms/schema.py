@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from transforms.statistics import MAP_COLUMNS
+from transforms.engine.statistics import MAP_COLUMNS
 
 STAGES = ("read", "decode", "explain")
 METADATA_KEY = b"smoothgrad_audit"

@@ -34,8 +34,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from transforms.errors import bad_option
-from transforms.jit import visible_accelerators
-from transforms.reductions import REDUCTIONS, reduce_magnitude, reduce_signed
+from transforms.engine.jit import visible_accelerators
+from transforms.engine.reductions import REDUCTIONS, reduce_magnitude, reduce_signed
 
 
 class Accumulator:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from transforms.noise import sample_seeds, standard_normal
-from transforms.variants import SplitHalves, accumulate
+from transforms.engine.noise import sample_seeds, standard_normal
+from transforms.engine.variants import SplitHalves, accumulate
 
 
 class CompiledSteps:

@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from transforms.adaptive import Partial, split_states, stack_states
-from transforms.statistics import split_half_reliability
+from transforms.engine.adaptive import Partial, split_states, stack_states
+from transforms.engine.statistics import split_half_reliability
 
 
 class AdaptiveStages:

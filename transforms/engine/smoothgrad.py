@@ -42,19 +42,19 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from transforms.adaptive import DEFAULT_MAX_SAMPLES, DEFAULT_MIN_SAMPLES, DEFAULT_TARGET, AdaptiveSamples
+from transforms.engine.adaptive import DEFAULT_MAX_SAMPLES, DEFAULT_MIN_SAMPLES, DEFAULT_TARGET, AdaptiveSamples
 from transforms.errors import bad_option
-from transforms.jit import JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers
-from transforms.noise import NOISE_MODES, key_seed, sigma_per_image
-from transforms.precision import PRECISIONS, with_precision
-from transforms.result import SmoothGradResult
-from transforms.reductions import REDUCTIONS
-from transforms.scores import score_function
-from transforms.targets import TARGET_FORMS, Target
-from transforms.stages import AdaptiveStages
-from transforms.statistics import split_half_reliability
-from transforms.steps import CompiledSteps
-from transforms.variants import VARIANTS, SplitHalves, default_chunk, get_variant
+from transforms.engine.jit import JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers
+from transforms.engine.noise import NOISE_MODES, key_seed, sigma_per_image
+from transforms.engine.precision import PRECISIONS, with_precision
+from transforms.engine.result import SmoothGradResult
+from transforms.engine.reductions import REDUCTIONS
+from transforms.engine.scores import score_function
+from transforms.engine.targets import TARGET_FORMS, Target
+from transforms.engine.stages import AdaptiveStages
+from transforms.engine.statistics import split_half_reliability
+from transforms.engine.steps import CompiledSteps
+from transforms.engine.variants import VARIANTS, SplitHalves, default_chunk, get_variant
 
 __all__ = ["SmoothGrad", "SmoothGradResult",  # and, re-exported for callers:
            "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS", "PRECISIONS", "Target", "key_seed",
