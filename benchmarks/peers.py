@@ -96,7 +96,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-from transforms.errors import one_line  # noqa: E402
+from transforms.support.errors import one_line  # noqa: E402
 from transforms.engine.statistics import rank_correlation  # noqa: E402
 from transforms.engine.scores import score_function  # noqa: E402
 from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402

@@ -23,7 +23,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.config import Config, ConfigError
-from transforms import corpus, storage
+from transforms.write import corpus
+from transforms.support import storage
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pipelines.run_data import (
     load_pictures,
     open_run,
 )
-from transforms.corpus import now_utc
+from transforms.write.corpus import now_utc
 from transforms.engine.statistics import rank_correlation
 
 PROG = "smoothgrad-audit compare"

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from transforms.postprocess import Normalization
-from transforms.preprocess import PREPROCESS_MODES, Preprocessing
+from transforms.rows.postprocess import Normalization
+from transforms.decode.preprocess import PREPROCESS_MODES, Preprocessing
 from transforms.engine.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, REDUCTIONS, VARIANTS, Target
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._=-]+")

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from transforms.postprocess import mask_figures
+from transforms.rows.postprocess import mask_figures
 
 DILATIONS = (1, 2, 4)
 # Rings of pixels, from the object's inside out (8-neighbour distance to the object's edge).

@@ -38,9 +38,9 @@ from pipelines.run_data import (
     open_run,
     read_errors,
 )
-from transforms import storage
-from transforms.corpus import now_utc
-from transforms.errors import one_line
+from transforms.support import storage
+from transforms.write.corpus import now_utc
+from transforms.support.errors import one_line
 
 PROG = "smoothgrad-audit report"
 DEFAULT_TOP = 12

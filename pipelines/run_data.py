@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import storage
-from transforms.corpus import MANIFEST
-from transforms.errors import one_line
-from transforms.schema import ERRORS_SCHEMA
+from transforms.support import storage
+from transforms.write.corpus import MANIFEST
+from transforms.support.errors import one_line
+from transforms.write.schema import ERRORS_SCHEMA
 
 SALIENCY = "saliency"
 # Where each row's map lives: index into Run.shards, row group, offset in the row group.
@@ -252,7 +252,7 @@ def _picture(data: bytes, key: str, config: dict, size: tuple, channels: int) ->
     """Decodes one record for display; a problem becomes the picture's note."""
     import tensorflow as tf
 
-    from transforms.decode import DecodeError, _decode_pixels, _match_channels, _resize
+    from transforms.decode.decode import DecodeError, _decode_pixels, _match_channels, _resize
 
     try:
         features = tf.train.Example.FromString(data).features
@@ -301,7 +301,7 @@ def load_pictures(run: Run, rows) -> dict[int, Picture]:
     Returns:
         ``{row: Picture}``.
     """
-    from transforms.records import Record, read_records
+    from transforms.read.records import Record, read_records
 
     rows = sorted({int(row) for row in rows})
     needed = collections.defaultdict(lambda: collections.defaultdict(list))  # file -> index -> [(row, key)]

@@ -29,19 +29,21 @@ from pipelines.baseline import Baseline, fingerprint
 from pipelines.baseline import resolve as resolve_baseline
 from pipelines.command_line import parse_command
 from pipelines.config import Config, ConfigError
-from transforms import corpus, postprocess, storage
-from transforms import schema as corpus_schema
-from transforms.baseline import UseBaseline
-from transforms.decode import DecodeRecords, DecodeSettings
-from transforms.errors import ERRORS
-from transforms.explain import ExplainSettings, SmoothGradModelHandler
-from transforms.explain_stages import ExplainInStages
-from transforms.models import ModelError, ModelInfo, describe, load_model
+from transforms.write import corpus
+from transforms.rows import postprocess
+from transforms.support import storage
+from transforms.write import schema as corpus_schema
+from transforms.reuse.baseline import UseBaseline
+from transforms.decode.decode import DecodeRecords, DecodeSettings
+from transforms.support.errors import ERRORS
+from transforms.explain.explain import ExplainSettings, SmoothGradModelHandler
+from transforms.explain.explain_stages import ExplainInStages
+from transforms.support.models import ModelError, ModelInfo, describe, load_model
 from transforms.engine.noise import key_seed
-from transforms.progress import Progress, ProgressSettings, ReportProgress
-from transforms.records import ReadTFRecords, count_records
-from transforms.rows import RowSettings, ToRows
-from transforms.sanity import run_sanity_checks
+from transforms.support.progress import Progress, ProgressSettings, ReportProgress
+from transforms.read.records import ReadTFRecords, count_records
+from transforms.rows.rows import RowSettings, ToRows
+from transforms.explain.sanity import run_sanity_checks
 from transforms.engine.smoothgrad import SmoothGrad
 
 # Named, not __name__: under ``python -m pipelines.smoothgrad_audit`` __name__ is "__main__", whose

@@ -32,8 +32,8 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
                                                   StandardOptions, TestOptions, WorkerOptions)
 
 from pipelines.config import Config, ConfigError
-from transforms import storage
-from transforms.errors import one_line
+from transforms.support import storage
+from transforms.support.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ def _first_example(config: Config, planned):
     Raises:
         ConfigError: records were read but none decodes (the feature settings do not fit the data).
     """
-    from transforms.decode import DecodeSettings, Example, decode_batch
-    from transforms.records import Record, read_records
+    from transforms.decode.decode import DecodeSettings, Example, decode_batch
+    from transforms.read.records import Record, read_records
 
     paths = [item.path for match in FileSystems.match(list(config.input)) for item in match.metadata_list]
     first = sorted(paths)[0]

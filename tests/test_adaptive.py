@@ -13,9 +13,9 @@ from pipelines import smoothgrad_audit
 from pipelines.config import ConfigError, parse
 from tests import helpers
 from transforms.engine.adaptive import AdaptiveSamples, Partial, estimate, stage_boundaries
-from transforms.decode import Example
-from transforms.explain import Explained, ExplainSettings
-from transforms.explain_stages import ResumeStage
+from transforms.decode.decode import Example
+from transforms.explain.explain import Explained, ExplainSettings
+from transforms.explain.explain_stages import ResumeStage
 from transforms.engine.smoothgrad import VARIANTS, SmoothGrad
 
 SIZE = 16
@@ -152,7 +152,7 @@ class _FailingEngine:
     jit_used = "graph"
 
     def resume(self, images, keys, partials):
-        from transforms.explain import EngineOutput
+        from transforms.explain.explain import EngineOutput
 
         if "bad" in keys:
             raise RuntimeError("boom")

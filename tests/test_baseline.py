@@ -17,7 +17,7 @@ from pipelines.baseline import fingerprint, resolve
 from pipelines.config import ConfigError, parse
 from tests import helpers
 from tests.test_faults import faulty  # noqa: F401 - the fault dataset, reused with a baseline
-from transforms.records import encode_record
+from transforms.read.records import encode_record
 
 
 

@@ -162,7 +162,7 @@ def test_model_copies_share_one_model_across_worker_processes(dataset):
 
 def test_samples_auto_loads_one_model_for_every_stage_and_model_copies_give_the_same_corpus(dataset, caplog):
     auto = ("--samples", "auto", "--min_samples", "2", "--max_samples", "8", "--target_reliability", "0.97")
-    with caplog.at_level(logging.INFO, logger="transforms.explain"):
+    with caplog.at_level(logging.INFO, logger="transforms.explain.explain"):
         _, manifest, single, _ = _run(dataset, "auto-single", *auto)
     assert sum("Loaded" in record.getMessage() for record in caplog.records) == 1  # one engine, every stage
     assert manifest["invariant_holds"] and manifest["samples_used"]["records"] == 10

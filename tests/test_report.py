@@ -16,7 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import report, run_data, smoothgrad_audit
 from tests import helpers
-from transforms import schema as corpus_schema
+from transforms.write import schema as corpus_schema
 
 MASK = "image/object_mask"
 

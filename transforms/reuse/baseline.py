@@ -29,8 +29,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.errors import ERRORS, NAMESPACE, error_row
-from transforms.records import Record, ReadError, read_records, record_key
+from transforms.support.errors import ERRORS, NAMESPACE, error_row
+from transforms.read.records import Record, ReadError, read_records, record_key
 
 #: The join's outcome per record of this run (and ``removed`` per baseline key absent here).
 OUTCOMES = ("reused", "new", "changed", "retried", "removed")

@@ -14,10 +14,10 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms import postprocess
-from transforms.errors import ERRORS, NAMESPACE, error_row
-from transforms.explain import Explained
-from transforms.progress import CountProgress, ProgressSettings
+from transforms.rows import postprocess
+from transforms.support.errors import ERRORS, NAMESPACE, error_row
+from transforms.explain.explain import Explained
+from transforms.support.progress import CountProgress, ProgressSettings
 from transforms.engine.statistics import map_statistics
 
 

@@ -17,7 +17,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import WriteToParquetBatched
 
-from transforms import schema as corpus_schema
+from transforms.write import schema as corpus_schema
 
 MANIFEST = "_MANIFEST.json"
 #: The baseline join's outcomes counted in the manifest as ``records_<outcome>`` (reused is counted from rows).

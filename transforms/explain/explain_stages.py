@@ -30,8 +30,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.transforms import window
 
-from transforms.errors import NAMESPACE
-from transforms.explain import Explained, ExplainSettings, SmoothGradModelHandler, shared_engine
+from transforms.support.errors import NAMESPACE
+from transforms.explain.explain import Explained, ExplainSettings, SmoothGradModelHandler, shared_engine
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ResumeStage(beam.DoFn):
         if self.model_copies:
             from apache_beam.utils import multi_process_shared
 
-            from transforms.explain import WorkerEngine
+            from transforms.explain.explain import WorkerEngine
 
             settings = self.settings
             self._engine = multi_process_shared.MultiProcessShared(

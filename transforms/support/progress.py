@@ -29,7 +29,7 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.errors import NAMESPACE
+from transforms.support.errors import NAMESPACE
 
 logger = logging.getLogger(__name__)
 

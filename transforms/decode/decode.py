@@ -17,9 +17,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.errors import ERRORS, NAMESPACE, error_row, one_line
-from transforms.preprocess import Preprocessing
-from transforms.records import Record, record_key
+from transforms.support.errors import ERRORS, NAMESPACE, error_row, one_line
+from transforms.decode.preprocess import Preprocessing
+from transforms.read.records import Record, record_key
 
 
 class DecodeError(ValueError):

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from transforms.errors import one_line
+from transforms.support.errors import one_line
 from transforms.engine.smoothgrad import SmoothGrad
 from transforms.engine.statistics import rank_correlation
 
@@ -114,7 +114,7 @@ def run_sanity_checks(examples, settings) -> dict:
     """
     import tensorflow as tf
 
-    from transforms.models import load_model
+    from transforms.support.models import load_model
 
     examples = sorted(examples, key=lambda example: example.key)
     if not examples:

@@ -35,8 +35,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 from apache_beam.utils import shared
 
-from transforms.decode import Example
-from transforms.errors import NAMESPACE, one_line
+from transforms.decode.decode import Example
+from transforms.support.errors import NAMESPACE, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class WorkerEngine:
     """
 
     def __init__(self, settings: ExplainSettings):
-        from transforms.models import load_model
+        from transforms.support.models import load_model
         from transforms.engine.smoothgrad import SmoothGrad
 
         started = time.time()

@@ -15,8 +15,8 @@ import logging
 import os
 import re
 
-from transforms import storage
-from transforms.errors import one_line
+from transforms.support import storage
+from transforms.support.errors import one_line
 
 logger = logging.getLogger(__name__)
 

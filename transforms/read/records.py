@@ -35,8 +35,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms import storage
-from transforms.errors import ERRORS, NAMESPACE, error_row
+from transforms.support import storage
+from transforms.support.errors import ERRORS, NAMESPACE, error_row
 
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
