@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 
 #: Defaults of the ``samples: auto`` settings.
 DEFAULT_TARGET = 0.95

@@ -16,7 +16,7 @@ import logging
 
 import tensorflow as tf
 
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 
 logger = logging.getLogger(__name__)
 

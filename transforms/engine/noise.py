@@ -25,7 +25,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 
 #: ``absolute``: σ in the model's input units; ``relative``: σ × (max − min) of each image.
 NOISE_MODES = ("absolute", "relative")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import keras
 
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 

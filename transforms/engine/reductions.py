@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 
 #: Channel reductions, by name.
 REDUCTIONS = ("mean_abs", "max_abs", "sum_abs", "none")

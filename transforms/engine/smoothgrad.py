@@ -43,7 +43,7 @@ import tensorflow as tf
 import keras
 
 from transforms.engine.adaptive import DEFAULT_MAX_SAMPLES, DEFAULT_MIN_SAMPLES, DEFAULT_TARGET, AdaptiveSamples
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 from transforms.engine.jit import JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers
 from transforms.engine.noise import NOISE_MODES, key_seed, sigma_per_image
 from transforms.engine.precision import PRECISIONS, with_precision

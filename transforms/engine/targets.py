@@ -23,7 +23,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 
 #: The forms a target can be written in.
 TARGET_FORMS = ("top1", "label", "class:K", "topk:K")

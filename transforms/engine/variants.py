@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 from transforms.engine.jit import visible_accelerators
 from transforms.engine.reductions import REDUCTIONS, reduce_magnitude, reduce_signed
 

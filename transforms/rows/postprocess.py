@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from transforms.support.errors import bad_option
+from transforms.engine.options import bad_option
 
 
 @dataclasses.dataclass(frozen=True)

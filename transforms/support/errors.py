@@ -1,9 +1,9 @@
 """Error rows and one-line messages: how every failure is reported.
 
 A record that cannot be explained becomes one row of the errors output (its
-key, file, index, the stage that failed and a one-line message); a bad option
-becomes a ``ValueError`` whose message names the option, what is allowed and
-what was given. Both formats are defined here only.
+key, file, index, the stage that failed and a one-line message). Both formats are
+defined here only. A bad option is the engine's
+:func:`transforms.engine.options.bad_option`, which the steps use too.
 """
 
 from __future__ import annotations
@@ -59,13 +59,3 @@ def error_row(key: str, source_file: str, record_index: int | None, stage: str, 
     """
     return {"key": key, "source_file": source_file, "record_index": record_index,
             "record_sha256": record_sha256, "stage": stage, "error": one_line(error)}
-
-
-def bad_option(name: str, allowed: str, got) -> ValueError:
-    """The error for an option outside its allowed values.
-
-    Example:
-        >>> str(bad_option("noise_mode", "one of ('absolute', 'relative')", "relatve"))
-        "'noise_mode' must be one of ('absolute', 'relative'); got 'relatve'."
-    """
-    return ValueError(f"'{name}' must be {allowed}; got {got!r}.")
