@@ -86,8 +86,8 @@ def load_model_images(name: str, count: int, demo_data: str):
     import keras
 
     if name == "demo":
-        from pipelines.demo_model import preprocess
-        from pipelines.demo_records import load_split
+        from pipelines.demo.demo_model import preprocess
+        from pipelines.demo.demo_records import load_split
 
         split = load_split(demo_data, "test")
         model = keras.saving.load_model(os.path.join(demo_data, "model.keras"))

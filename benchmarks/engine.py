@@ -97,7 +97,7 @@ def analytic_flops(model) -> int:
 def _build_model(name: str, image_size: int):
     keras.utils.set_random_seed(0)
     if name == "demo":  # the demo's CNN architecture (untrained), e.g. --image-size 64
-        from pipelines.demo_model import build_model
+        from pipelines.demo.demo_model import build_model
 
         return build_model(image_size)
     return getattr(keras.applications, name)(weights=None, input_shape=(image_size, image_size, 3))

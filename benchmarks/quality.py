@@ -56,9 +56,9 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines import demo
-from pipelines.quality_report import markdown
-from pipelines.quality_study import StudySettings, run_study
+from pipelines.demo import demo
+from pipelines.demo.quality_report import markdown
+from pipelines.demo.quality_study import StudySettings, run_study
 from transforms.engine.smoothgrad import JIT_MODES
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipelines.demo_records import example_rng  # noqa: E402
+from pipelines.demo.demo_records import example_rng  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache" / "second_task"
 CLASS_NAMES = ("0deg", "45deg", "90deg", "135deg")

@@ -25,10 +25,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
-from pipelines.baseline import Baseline, fingerprint
-from pipelines.baseline import resolve as resolve_baseline
-from pipelines.command_line import parse_command
-from pipelines.config import Config, ConfigError
+from pipelines.run.baseline import Baseline, fingerprint
+from pipelines.run.baseline import resolve as resolve_baseline
+from pipelines.run.command_line import parse_command
+from pipelines.run.config import Config, ConfigError
 from transforms.write import corpus
 from transforms.rows import postprocess
 from transforms.support import storage
@@ -274,7 +274,7 @@ def run(argv=None, save_main_session=True, test_pipeline=None, wait=True):
     """
     command = parse_command(list(sys.argv[1:] if argv is None else argv))
     if command.validate_only:
-        from pipelines.validate import check_run
+        from pipelines.run.validate import check_run
 
         check_run(command.config, command.beam_args)
         return None
@@ -324,7 +324,7 @@ def _log_summary(run_dir: str) -> None:
 
 
 #: Sub-commands beside the default (running an audit): name → module with ``main(argv) -> int``.
-SUBCOMMANDS = {"report": "pipelines.report", "compare": "pipelines.compare"}
+SUBCOMMANDS = {"report": "pipelines.report.report", "compare": "pipelines.report.compare"}
 
 
 def main(argv=None, wait=True) -> int:

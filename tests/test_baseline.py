@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import smoothgrad_audit
-from pipelines.baseline import fingerprint, resolve
-from pipelines.config import ConfigError, parse
+from pipelines.run.baseline import fingerprint, resolve
+from pipelines.run.config import ConfigError, parse
 from tests import helpers
 from tests.test_faults import faulty  # noqa: F401 - the fault dataset, reused with a baseline
 from transforms.read.records import encode_record
@@ -146,7 +146,7 @@ def test_a_baseline_with_other_settings_is_not_used_and_the_log_names_the_field(
             "--model", changed["model"], "--run_id", "D", "--samples", "3", "--noise", "0.2", "--batch_size", "4",
             "--baseline", os.path.join(changed["output"], "run_id=A"), flag, value]
     config, own = _fingerprint_of(argv)
-    caplog.set_level(logging.INFO, logger="pipelines.baseline")
+    caplog.set_level(logging.INFO, logger="pipelines.run.baseline")
     assert resolve(config, own) is None
     [line] = [record.getMessage() for record in caplog.records if "not used" in record.getMessage()]
     assert f"differs from this run's: {field} (" in line and "Explaining every record" in line
@@ -162,7 +162,7 @@ def test_latest_picks_the_most_recent_completed_run_and_none_is_a_full_run(chang
     config, own = _fingerprint_of(argv)
     assert resolve(config, own).run_id == "C"  # A, B, C finished in that order; all three have this fingerprint
     empty, own_empty = _fingerprint_of(argv[:3] + [str(tmp_path / "nothing")] + argv[4:])
-    caplog.set_level(logging.INFO, logger="pipelines.baseline")
+    caplog.set_level(logging.INFO, logger="pipelines.run.baseline")
     assert resolve(empty, own_empty) is None
     assert any("no completed run" in record.getMessage() for record in caplog.records)
 
@@ -214,7 +214,7 @@ def test_fault_accounting_holds_with_a_baseline(faulty):  # noqa: F811 - the imp
 
 
 def test_the_report_of_a_scheduled_run_shows_what_the_baseline_gave(changed, tmp_path):
-    from pipelines import report
+    from pipelines.report import report
     from tests.test_report import read_page
 
     _, manifest, _, _ = changed["runs"]["B"]

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipelines.config import Config
+from pipelines.run.config import Config
 from tests import helpers
 from transforms.decode.decode import DecodeSettings, Example, Failed, decode_batch, image_dimensions
 from transforms.decode.preprocess import Preprocessing, preprocess

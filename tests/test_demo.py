@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from pipelines import demo, demo_drawing
+from pipelines.demo import demo, demo_drawing
 
 # Rasterisation rounds the designed 3-8% area share a little either way.
 AREA_SHARE_BOUNDS = (0.025, 0.09)

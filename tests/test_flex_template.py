@@ -9,9 +9,9 @@ import re
 
 import yaml
 
-from pipelines import flex_template
-from pipelines.command_line import parse_command
-from pipelines.config import Config
+from pipelines.run import flex_template
+from pipelines.run.command_line import parse_command
+from pipelines.run.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METADATA = os.path.join(REPO, "templates", "flex", "metadata.json")

@@ -14,7 +14,7 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import smoothgrad_audit
-from pipelines.config import ConfigError
+from pipelines.run.config import ConfigError
 from tests import helpers
 from transforms.support import storage
 
@@ -149,7 +149,7 @@ def test_a_scheduled_run_on_gcs_reuses_its_baseline_on_gcs(remote, gcs_bucket):
 
 
 def test_compare_of_two_runs_on_gcs_writes_its_page_to_gcs(remote, gcs_bucket):
-    from pipelines import compare
+    from pipelines.report import compare
 
     output = f"{gcs_bucket}/scheduled"
     if not storage.exists(f"{output}/run_id=tuesday/_MANIFEST.json"):

@@ -86,7 +86,7 @@ def test_the_sdist_holds_every_package_file_setup_py_and_readme(built):
     assert {"setup.py", "README.md"} <= names
     missing = _source_files() - names
     assert not missing, missing
-    assert {f"pipelines/templates/{name}" for name in ("base.html.j2", "report.html.j2", "compare.html.j2",
+    assert {f"pipelines/report/templates/{name}" for name in ("base.html.j2", "report.html.j2", "compare.html.j2",
                                                        "macros.html.j2")} <= names
 
 

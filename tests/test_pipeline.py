@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines import smoothgrad_audit
-from pipelines.config import ConfigError
+from pipelines.run.config import ConfigError
 from tests import helpers
 from transforms.engine.smoothgrad import SmoothGrad
 
@@ -187,7 +187,7 @@ def test_flags_override_config_file(dataset, tmp_path):
 
 
 def test_help_lists_every_option_with_default(capsys):
-    from pipelines.config import Config
+    from pipelines.run.config import Config
 
     with pytest.raises(SystemExit) as exit_info:
         smoothgrad_audit.main(["--help"])

@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from pipelines import demo, smoothgrad_audit
+from pipelines.demo import demo
+from pipelines import smoothgrad_audit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second():
 
 
 def test_readme_documents_every_option():
-    from pipelines.config import Config
+    from pipelines.run.config import Config
 
     options = _section(_readme(), "Options")
     for key in Config.keys():
@@ -99,7 +100,7 @@ def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "local.yaml", "dataflow.yaml"])
 def test_shipped_configs_are_valid(name):
-    from pipelines.command_line import parse_command
+    from pipelines.run.command_line import parse_command
 
     command = parse_command(["--config", os.path.join(REPO, "configs", name)])
     config = command.config
@@ -252,7 +253,7 @@ def test_samples_auto_on_the_demo_stops_images_at_different_counts_with_the_fixe
         stored = np.asarray(row["saliency"], np.float32).reshape(fixed.maps.shape[1:])
         np.testing.assert_allclose(stored, fixed.maps[0], rtol=1e-5, atol=1e-6 * float(np.abs(stored).max()))
     # the report of an auto run shows how many samples the maps took
-    from pipelines import report
+    from pipelines.report import report
 
     assert report.main([str(run_dir), "--out", str(folder / "auto-report")]) == 0
     assert (folder / "auto-report" / "img" / "hist-samples_used.png").stat().st_size > 0

@@ -21,8 +21,8 @@ import sys
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import figures, report
-from pipelines.run_data import (
+from pipelines.report import figures, report
+from pipelines.report.run_data import (
     LOCATION,
     Run,
     RunError,

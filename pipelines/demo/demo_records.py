@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from pipelines.demo_drawing import draw_example
+from pipelines.demo.demo_drawing import draw_example
 
 logger = logging.getLogger(__name__)
 

@@ -49,11 +49,11 @@ import os
 import time
 from typing import Sequence
 
-from pipelines.demo_drawing import (AREA_SHARE_RANGE, CLASS_NAMES, GENERATOR_VERSION, MIN_CONTRAST, DemoLayers,
+from pipelines.demo.demo_drawing import (AREA_SHARE_RANGE, CLASS_NAMES, GENERATOR_VERSION, MIN_CONTRAST, DemoLayers,
                                     draw_example, draw_layers)
-from pipelines.demo_model import (CARD_FILENAME, DEFAULT_EPOCHS, MODEL_FILENAME, build_model, preprocess,
+from pipelines.demo.demo_model import (CARD_FILENAME, DEFAULT_EPOCHS, MODEL_FILENAME, build_model, preprocess,
                                   train_model)
-from pipelines.demo_records import (FEATURE_KEYS, encode_example, example_rng, load_split, parse_example,
+from pipelines.demo.demo_records import (FEATURE_KEYS, encode_example, example_rng, load_split, parse_example,
                                     shard_paths, split_files, write_dataset)
 
 __all__ = [

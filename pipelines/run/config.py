@@ -330,7 +330,7 @@ def parse(argv: list[str]) -> tuple[Config, list[str]]:
 
     See :func:`pipelines.command_line.parse_command`, which also reports ``--validate_only``.
     """
-    from pipelines.command_line import parse_command
+    from pipelines.run.command_line import parse_command
 
     command = parse_command(argv)
     return command.config, command.beam_args

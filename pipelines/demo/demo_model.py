@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from pipelines.demo_drawing import CLASS_NAMES
-from pipelines.demo_records import FEATURE_KEYS, load_split, split_files
+from pipelines.demo.demo_drawing import CLASS_NAMES
+from pipelines.demo.demo_records import FEATURE_KEYS, load_split, split_files
 
 logger = logging.getLogger(__name__)
 

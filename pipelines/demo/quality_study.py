@@ -26,11 +26,11 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from pipelines import demo
-from pipelines.quality_configs import Config, control_configs, evaluate, main_configs
-from pipelines.quality_diagnostics import Probe, check_noise_reconstruction, noisy_copy_diagnostics
-from pipelines.quality_figures import MaskScorer
-from pipelines.quality_report import save_examples
+from pipelines.demo import demo
+from pipelines.demo.quality_configs import Config, control_configs, evaluate, main_configs
+from pipelines.demo.quality_diagnostics import Probe, check_noise_reconstruction, noisy_copy_diagnostics
+from pipelines.demo.quality_figures import MaskScorer
+from pipelines.demo.quality_report import save_examples
 
 logger = logging.getLogger(__name__)
 

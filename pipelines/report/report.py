@@ -28,8 +28,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from pipelines import figures
-from pipelines.run_data import (
+from pipelines.report import figures
+from pipelines.report.run_data import (
     Run,
     RunError,
     input_size,
@@ -78,7 +78,7 @@ def number(value, digits: int = 3) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> Environment:
-    environment = Environment(loader=PackageLoader("pipelines", "templates"), autoescape=True,
+    environment = Environment(loader=PackageLoader("pipelines.report", "templates"), autoescape=True,
                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["num"] = number
     return environment

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import difflib
 
-from pipelines.config import (BEAM_OPTIONS, Config, ConfigError, _as_bool, _fail, load_yaml, show_default,
+from pipelines.run.config import (BEAM_OPTIONS, Config, ConfigError, _as_bool, _fail, load_yaml, show_default,
                               validate)
 
 

@@ -31,7 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions, SetupOptions,
                                                   StandardOptions, TestOptions, WorkerOptions)
 
-from pipelines.config import Config, ConfigError
+from pipelines.run.config import Config, ConfigError
 from transforms.support import storage
 from transforms.support.errors import one_line
 
@@ -200,8 +200,8 @@ def check_run(config: Config, beam_args=()) -> dict:
     Raises:
         ConfigError: the first problem found, in one line.
     """
-    from pipelines.baseline import fingerprint
-    from pipelines.baseline import resolve as resolve_baseline
+    from pipelines.run.baseline import fingerprint
+    from pipelines.run.baseline import resolve as resolve_baseline
     from pipelines.smoothgrad_audit import check_run_dir, count_inputs, plan
 
     runner = check_options(config, beam_args)

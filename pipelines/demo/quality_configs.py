@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from pipelines.quality_figures import MaskScorer
+from pipelines.demo.quality_figures import MaskScorer
 from transforms.engine.smoothgrad import SmoothGrad, SmoothGradResult
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.config import Config, ConfigError
+from pipelines.run.config import Config, ConfigError
 from transforms.write import corpus
 from transforms.support import storage
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from pipelines.quality_figures import DILATIONS, REGIONS, dilate
+from pipelines.demo.quality_figures import DILATIONS, REGIONS, dilate
 
 
 def _colour_map(saliency: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import re
 
-from pipelines.config import RUN_ID_PATTERN, Config, _as_bool, show_default
+from pipelines.run.config import RUN_ID_PATTERN, Config, _as_bool, show_default
 
 GCS = r"gs://[^,\s]+"
 #: Parameters whose values have an obvious shape, by key (others get one from their parser, or none).
