@@ -160,7 +160,7 @@ def decode_like_the_pipeline(paths: list[Path], pipeline_args: list[str], image_
     run, so resizing and preprocessing (``tf``: ``x/127.5 - 1``) are the
     pipeline's; the keys are the pipeline's ``<file name>:<index>``.
     """
-    from pipelines.run.config import parse
+    from pipelines.run.command_line import parse
     from transforms.decode.decode import DecodeSettings, Example, decode_batch
     from transforms.read.records import Record, read_records
 

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import smoothgrad_audit
-from pipelines.run.config import ConfigError, parse
+from pipelines.run.command_line import parse
+from pipelines.run.config import ConfigError
 from tests import helpers
 from transforms.engine.adaptive import AdaptiveSamples, Partial, estimate, stage_boundaries
 from transforms.decode.decode import Example

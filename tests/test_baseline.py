@@ -14,7 +14,8 @@ import pytest
 
 from pipelines import smoothgrad_audit
 from pipelines.run.baseline import fingerprint, resolve
-from pipelines.run.config import ConfigError, parse
+from pipelines.run.command_line import parse
+from pipelines.run.config import ConfigError
 from tests import helpers
 from tests.test_faults import faulty  # noqa: F401 - the fault dataset, reused with a baseline
 from transforms.read.records import encode_record

@@ -18,7 +18,7 @@ from apache_beam.runners.worker import bundle_processor
 
 from pipelines import smoothgrad_audit
 from pipelines.run.baseline import fingerprint, resolve
-from pipelines.run.config import parse
+from pipelines.run.command_line import parse
 from tests import helpers
 
 #: Producers of the PCollections allowed to cross a stage boundary, and why they are small.

@@ -156,3 +156,9 @@ def parse_command(argv: list[str]) -> Command:
             flags[key] = None
     raw.update(flags)
     return Command(validate(raw), file_beam_args + list(beam_args), bool(getattr(known, "validate_only", False)))
+
+
+def parse(argv: list[str]) -> tuple[Config, list[str]]:
+    """Parses the command line: returns the validated config and Beam's arguments (see :func:`parse_command`)."""
+    command = parse_command(argv)
+    return command.config, command.beam_args

@@ -323,14 +323,3 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"--config: {path!r} must hold one flat mapping of keys to values; "
                           f"got a {type(data).__name__}.")
     return data
-
-
-def parse(argv: list[str]) -> tuple[Config, list[str]]:
-    """Parses the command line: returns the validated config and Beam's arguments.
-
-    See :func:`pipelines.command_line.parse_command`, which also reports ``--validate_only``.
-    """
-    from pipelines.run.command_line import parse_command
-
-    command = parse_command(argv)
-    return command.config, command.beam_args
