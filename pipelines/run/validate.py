@@ -9,7 +9,7 @@ model is loaded:
    and how the workers get this project (a container image or a setup file);
    then Beam's own option validator;
 2. the input patterns match files, the model loads and every option fits it
-   (:func:`pipelines.smoothgrad_audit.plan`);
+   (:func:`pipelines.run.plan.plan`);
 3. the run folder is free (or ``overwrite`` is on) and the baseline resolves;
 4. one image (the first record of the first input file that decodes, else a
    zero image) explained on the CPU with the run's settings at batch size 1.
@@ -49,7 +49,7 @@ def _runner(options: PipelineOptions):
     """The runner the options choose (the CLI's default when none), as an instance."""
     from apache_beam.runners.runner import create_runner
 
-    from pipelines.smoothgrad_audit import DEFAULT_RUNNER
+    from pipelines.run.plan import DEFAULT_RUNNER
 
     name = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
     try:
@@ -202,7 +202,7 @@ def check_run(config: Config, beam_args=()) -> dict:
     """
     from pipelines.run.baseline import fingerprint
     from pipelines.run.baseline import resolve as resolve_baseline
-    from pipelines.smoothgrad_audit import check_run_dir, count_inputs, plan
+    from pipelines.run.plan import check_run_dir, count_inputs, plan
 
     runner = check_options(config, beam_args)
     planned = plan(config)
