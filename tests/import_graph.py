@@ -13,16 +13,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("pipelines", "transforms")
 
 
-def modules(packages=PACKAGES) -> dict[str, str]:
+def modules(packages=PACKAGES, root=REPO) -> dict[str, str]:
     """Dotted module name → source path, for every ``.py`` file of ``packages`` (``__init__`` as the package)."""
     found = {}
     for package in packages:
-        for folder, _, files in os.walk(os.path.join(REPO, package)):
+        for folder, _, files in os.walk(os.path.join(root, package)):
             for name in files:
                 if not name.endswith(".py"):
                     continue
                 path = os.path.join(folder, name)
-                parts = os.path.relpath(path, REPO)[:-len(".py")].split(os.sep)
+                parts = os.path.relpath(path, root)[:-len(".py")].split(os.sep)
                 if parts[-1] == "__init__":
                     parts = parts[:-1]
                 found[".".join(parts)] = path
@@ -48,9 +48,9 @@ def imported_names(path: str, module: str, is_package: bool) -> list[tuple[str, 
     return names
 
 
-def graph(packages=PACKAGES) -> dict[str, dict[str, int]]:
+def graph(packages=PACKAGES, root=REPO) -> dict[str, dict[str, int]]:
     """Module → {imported project module: first line}, project modules only."""
-    known = modules(packages)
+    known = modules(packages, root)
     edges = {}
     for module, path in known.items():
         targets = {}

@@ -47,3 +47,24 @@ def test_importing_every_engine_module_loads_no_beam():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_no_import_circles_in_pipelines_and_transforms():
+    edges = import_graph.graph()
+    assert "pipelines.smoothgrad_audit" in edges and "transforms.engine.smoothgrad" in edges
+    circles = import_graph.cycles(edges)
+    described = [" -> ".join(f"{module} (line {edges[module][target]})" for module, target in zip(circle, circle[1:]))
+                 + f" -> {circle[-1]}" for circle in circles]
+    assert not circles, "import circles (imports inside functions count):\n" + "\n".join(described)
+
+
+def test_the_cycle_finder_finds_a_circle_through_a_function_level_import(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg import b\n")
+    (package / "b.py").write_text("def later():\n    from pkg.a import thing\n")
+    (package / "c.py").write_text("import pkg.a\n")
+    edges = import_graph.graph(("pkg",), root=str(tmp_path))
+    assert edges["pkg.c"] == {"pkg.a": 1}
+    assert import_graph.cycles(edges) == [["pkg.a", "pkg.b", "pkg.a"]]
