@@ -22,7 +22,7 @@ each explainer compiles and is not timed) and, for adaptive, the image-samples
 computed per image counting the padding of each stage's last batch.
 ``--margins 0.16,0.26`` runs the adaptive row once per stopping margin C (the
 rule stops an image after n samples when its estimate reaches
-``target + C / n``; this sets ``transforms.adaptive.MARGIN`` for the run); the
+``target + C / n``; this sets ``transforms.engine.adaptive.MARGIN`` for the run); the
 default is the engine's own margin. All explainers use ``noise=0.1``
 (absolute), ``batch_size=16``, ``jit="graph"``. The JSON goes to ``--out``
 (``benchmarks/adaptive.json``).

@@ -31,7 +31,7 @@ units) with the same absolute noise σ (0.1 by default), this script times:
   chunk) so both hold the same number of noisy images at once.
 
 Every implementation explains the same scores, the pre-softmax logits
-(``transforms.scores.score_function``; the peers get a Keras model built from
+(``transforms.engine.scores.score_function``; the peers get a Keras model built from
 it), and the same target, the top-1 class of the clean input. The engine and
 the kex loop choose it themselves (one clean forward pass per image); the peers
 are given it, and the engine's targets are checked to agree.
@@ -41,7 +41,7 @@ samples of the channel-mean |gradient| (the engine's default ``smoothgrad``
 variant). PAIR (``magnitude=False``) and xplique return the mean *signed*
 gradient (the paper's SmoothGrad), reduced here (PAIR) or by xplique's
 ``reducer="mean"`` to its channel mean. Fidelity is the Spearman rank
-correlation (``transforms.statistics.rank_correlation``, mean over the batch's
+correlation (``transforms.engine.statistics.rank_correlation``, mean over the batch's
 images) with the engine's float32 maps of the same quantity: the default
 variant for |gradient| implementations, ``variant="signed"`` (one untimed
 engine call) for PAIR and xplique. Noise draws differ between implementations,

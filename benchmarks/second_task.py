@@ -15,7 +15,7 @@ global max pooling), then ``Dense(4, activation="softmax", name="predictions")``
 It takes ``x / 127.5 - 1`` inputs like the demo model.
 
 Everything is seeded: image ``i`` of split ``s`` comes from its own random
-stream (``pipelines.demo_records.example_rng``), the weights from
+stream (``pipelines.demo.demo_records.example_rng``), the weights from
 ``keras.utils.set_random_seed`` with op determinism on while training.
 Results are cached in ``benchmarks/.cache/second_task/`` (gitignored):
 ``model.keras``, ``test.npz`` (``images`` uint8, ``labels``, ``masks``, ``keys``)

@@ -7,8 +7,8 @@ Usage::
 
 The graph reads as a sentence of named steps: ReadRecords → BatchRecords →
 Decode → SmoothGrad (Beam RunInference) → ToRows → WriteCorpus (Parquet shards,
-errors, and ``_MANIFEST.json`` last). See README.md for every option and the
-output schema, ARCHITECTURE.md for the modules.
+errors, and ``_MANIFEST.json`` last). See docs/options.md for every option,
+docs/output.md for the output schema, ARCHITECTURE.md for the modules.
 """
 
 from __future__ import annotations

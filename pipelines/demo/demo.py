@@ -10,9 +10,9 @@ saliency map can be scored by how much of its mass falls on the object.
 This module is the command line and the "is the folder up to date" logic
 (:func:`ensure_demo`); the work is done by
 
-* :mod:`pipelines.demo_drawing`: drawing one image, its mask and its label;
-* :mod:`pipelines.demo_records`: writing the splits as TFRecords, reading them back;
-* :mod:`pipelines.demo_model`: the CNN, its training and the demo card.
+* :mod:`pipelines.demo.demo_drawing`: drawing one image, its mask and its label;
+* :mod:`pipelines.demo.demo_records`: writing the splits as TFRecords, reading them back;
+* :mod:`pipelines.demo.demo_model`: the CNN, its training and the demo card.
 
 Their public names are importable from here too (``from pipelines import demo``).
 

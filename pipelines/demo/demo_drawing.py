@@ -8,7 +8,7 @@ comes with the image, so a saliency map can be scored by how much of its mass
 falls on the object.
 
 Everything here depends only on the ``numpy.random.Generator`` passed in:
-:mod:`pipelines.demo_records` gives every example its own stream.
+:mod:`pipelines.demo.demo_records` gives every example its own stream.
 """
 
 from __future__ import annotations

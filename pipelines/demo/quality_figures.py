@@ -1,7 +1,7 @@
 """Figures of explanation quality against an object mask: regions, per-image figures, bootstrap intervals.
 
 A map is scored by the two figures the pipeline stores in its corpus columns
-(:func:`transforms.postprocess.mask_figures`):
+(:func:`transforms.rows.postprocess.mask_figures`):
 
 * **mass in mask**: the share of the map's |mass| that falls on the object;
 * **pointing**: whether the map's largest |value| lies on the object.

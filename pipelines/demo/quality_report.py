@@ -75,7 +75,7 @@ def markdown(report: dict) -> str:
     """The study's tables as Markdown.
 
     Args:
-        report: the study's report (see :func:`pipelines.quality_study.run_study`).
+        report: the study's report (see :func:`pipelines.demo.quality_study.run_study`).
 
     Returns:
         The chance level, the main table, where the mass goes, the noisy-copy

@@ -2,9 +2,9 @@
 
 Every demo image's class is decided by one object whose pixel mask is stored
 with the image (:mod:`pipelines.demo`), so a saliency map can be scored by its
-mass in mask and pointing (:mod:`pipelines.quality_figures`). The study scores
-the settings of :mod:`pipelines.quality_configs` on the demo model, runs the
-noisy-copy diagnostics of :mod:`pipelines.quality_diagnostics`, and repeats a
+mass in mask and pointing (:mod:`pipelines.demo.quality_figures`). The study scores
+the settings of :mod:`pipelines.demo.quality_configs` on the demo model, runs the
+noisy-copy diagnostics of :mod:`pipelines.demo.quality_diagnostics`, and repeats a
 smaller set on a control: a copy of the demo model fine-tuned for a few epochs
 with Gaussian input noise (in memory, never saved). If the loss of mass with σ
 comes from the model not recognising noisy copies, it should disappear on the

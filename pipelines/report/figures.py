@@ -77,7 +77,7 @@ def tile(path: str, picture, saliency: np.ndarray, size: tuple) -> str:
 
     Args:
         path: the PNG file to write.
-        picture: a :class:`pipelines.run_data.Picture` (its image may be missing).
+        picture: a :class:`pipelines.report.run_data.Picture` (its image may be missing).
         saliency: the stored map.
         size: (H, W) of the model input, the extent both panels cover.
     """

@@ -6,10 +6,10 @@ class, histograms of the per-map statistics, galleries of the most telling
 maps beside their images, and the errors.
 
 Scale: statistics come from the scalar columns only; maps are read only for
-the rows shown, from the row groups that hold them (:mod:`pipelines.run_data`).
+the rows shown, from the row groups that hold them (:mod:`pipelines.report.run_data`).
 
 The summary, the per-class table, the page rendering and the output folder
-are used by :mod:`pipelines.compare` too.
+are used by :mod:`pipelines.report.compare` too.
 """
 
 from __future__ import annotations

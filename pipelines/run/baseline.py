@@ -56,7 +56,7 @@ def fingerprint(config: Config, model_info, engine_chunk: int) -> dict:
 
     Args:
         config: this run's configuration.
-        model_info: the :class:`transforms.models.ModelInfo` of the model.
+        model_info: the :class:`transforms.support.models.ModelInfo` of the model.
         engine_chunk: the chunk the engine resolved (a default chunk depends on the machine).
 
     Returns:

@@ -164,9 +164,9 @@ def _field(default, help_text: str, parse, required: bool = False):
 class Config:
     """Every setting of a run, parsed (see ``smoothgrad-audit --help``).
 
-    Values are held parsed: ``target`` is a :class:`~transforms.targets.Target`,
-    ``normalize`` a :class:`~transforms.postprocess.Normalization`,
-    ``preprocess`` a :class:`~transforms.preprocess.Preprocessing`; their ``str``
+    Values are held parsed: ``target`` is a :class:`~transforms.engine.targets.Target`,
+    ``normalize`` a :class:`~transforms.rows.postprocess.Normalization`,
+    ``preprocess`` a :class:`~transforms.decode.preprocess.Preprocessing`; their ``str``
     is the text form users write.
     """
 
@@ -267,7 +267,7 @@ class Config:
 
 
 def show_default(value) -> str:
-    """A default as ``--help`` and the README show it (parsed values in their text form)."""
+    """A default as ``--help`` shows it (parsed values in their text form)."""
     return repr(str(value)) if isinstance(value, (Target, Normalization, Preprocessing)) else repr(value)
 
 

@@ -8,7 +8,7 @@ CLI parses like any flag (booleans as ``--key=true|false``). The checked-in
 file ``templates/flex/metadata.json`` is this module's output; a test keeps
 them equal::
 
-    python -m pipelines.flex_template > templates/flex/metadata.json
+    python -m pipelines.run.flex_template > templates/flex/metadata.json
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def metadata() -> dict:
     return {
         "name": "smoothgrad-audit",
         "description": "SmoothGrad saliency corpus from TFRecord images: Parquet shards and _MANIFEST.json under "
-                       "OUTPUT/run_id=<RUN_ID>/ (see the project's README, Running at scale).",
+                       "OUTPUT/run_id=<RUN_ID>/ (see the project's docs/running-at-scale.md).",
         "parameters": [config] + [parameter(field) for field in dataclasses.fields(Config)],
     }
 

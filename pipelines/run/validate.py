@@ -15,7 +15,7 @@ model is loaded:
    zero image) explained on the CPU with the run's settings at batch size 1.
 
 Nothing is written: no run folder is created, no job is submitted. A problem
-is a :class:`~pipelines.config.ConfigError` (one line, exit status 2); a valid
+is a :class:`~pipelines.run.config.ConfigError` (one line, exit status 2); a valid
 run logs one line with the figures of the explained image.
 """
 
@@ -98,7 +98,7 @@ def dataflow_problems(config: Config, options: PipelineOptions, runner) -> list[
     setup = options.view_as(SetupOptions)
     image = options.view_as(WorkerOptions).sdk_container_image
     if not (image or setup.setup_file or setup.extra_packages):
-        problems.append("the workers need this project's code: pass --sdk_container_image (the README's "
+        problems.append("the workers need this project's code: pass --sdk_container_image (the project's "
                         "Dockerfile) or --setup_file ./setup.py")
     return problems
 

@@ -39,7 +39,7 @@ DEFAULT_TARGET = 0.95
 DEFAULT_MIN_SAMPLES = 8
 DEFAULT_MAX_SAMPLES = 64
 
-#: The stopping margin is ``MARGIN / n`` above the target (calibrated: see the README).
+#: The stopping margin is ``MARGIN / n`` above the target (calibrated: see docs/adaptive-samples.md).
 MARGIN = 0.26
 
 

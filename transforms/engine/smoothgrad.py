@@ -22,7 +22,7 @@ Semantics, following Smilkov et al. 2017 (arXiv:1706.03825):
   copy of that last layer, so the caller's model object is left untouched.
 
 This module validates, batches, pads, compiles and calls; the pieces are in
-``transforms.noise``, ``targets``, ``scores``, ``reductions``, ``variants``,
+``transforms.engine.noise``, ``targets``, ``scores``, ``reductions``, ``variants``,
 ``jit`` and ``precision`` (names callers import from here are re-exported).
 
 Example:
@@ -78,7 +78,7 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
             scores ``[B, classes]``.
         samples: N, the number of noisy copies per image (>= 1). All are noisy.
             Or ``"auto"``: each image gets as many as its map needs to converge
-            (see :mod:`transforms.adaptive`), between ``min_samples`` and
+            (see :mod:`transforms.engine.adaptive`), between ``min_samples`` and
             ``max_samples``; ``result.samples_used`` says how many.
         noise: σ (>= 0). See ``noise_mode``.
         noise_mode: ``absolute`` (σ in the model's input units) or ``relative``
@@ -113,7 +113,7 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
             (in the same compiled step; the map is unchanged) and return each
             map's split-half rank correlation (default True; needed by ``samples="auto"``).
         target_reliability, min_samples, max_samples: the ``samples="auto"``
-            settings (:class:`transforms.adaptive.AdaptiveSamples`): the
+            settings (:class:`transforms.engine.adaptive.AdaptiveSamples`): the
             estimated rank correlation with the converged map at which an image
             stops (0.95), its first stage (8) and its most samples (64).
 
@@ -183,7 +183,7 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
         self._function_shape = None
         self._traces = 0
 
-    #: The default chunk for ``samples`` and ``batch_size`` (:func:`transforms.variants.default_chunk`).
+    #: The default chunk for ``samples`` and ``batch_size`` (:func:`transforms.engine.variants.default_chunk`).
     default_chunk = staticmethod(default_chunk)
 
     def _choose_chunk(self, chunk: int | None) -> int:

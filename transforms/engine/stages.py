@@ -5,7 +5,7 @@
 first stage runs the engine's step with ``min_samples`` samples and returns
 each image's running sums besides its map; each later stage runs one compiled
 function whose first sample and sample count are inputs, continuing the sums
-it is given. Between stages an image is a :class:`transforms.adaptive.Partial`,
+it is given. Between stages an image is a :class:`transforms.engine.adaptive.Partial`,
 so the stages can run in one process (:meth:`AdaptiveStages._run_adaptive`,
 what a call of the engine does) or as separate Beam steps
 (:mod:`transforms.explain`), with the same maps.
@@ -39,7 +39,7 @@ class AdaptiveStages:
             images, keys, targets: as for :meth:`__call__`.
 
         Returns:
-            One :class:`~transforms.adaptive.Partial` per image; those not
+            One :class:`~transforms.engine.adaptive.Partial` per image; those not
             ``done`` go on with :meth:`resume`.
         """
         images = self._check_images(images)
@@ -61,11 +61,11 @@ class AdaptiveStages:
         Args:
             images: float32 ``[B, H, W, C]``, the same preprocessed images.
             keys: their keys.
-            partials: their :class:`~transforms.adaptive.Partial` from the
+            partials: their :class:`~transforms.engine.adaptive.Partial` from the
                 previous stage (none ``done``, all at the same ``samples``).
 
         Returns:
-            The next stage's :class:`~transforms.adaptive.Partial` per image.
+            The next stage's :class:`~transforms.engine.adaptive.Partial` per image.
         """
         images = self._check_images(images)
         keys = [str(key) for key in keys]
@@ -125,7 +125,7 @@ class AdaptiveStages:
 
 
 def finished_fields(partials: Sequence[Partial]) -> dict:
-    """The result fields (class axis kept) of finished :class:`~transforms.adaptive.Partial`, one per image."""
+    """The result fields (class axis kept) of finished :class:`~transforms.engine.adaptive.Partial`, one per image."""
     fields = {field: np.stack([getattr(partial, field) for partial in partials])
               for field in ("maps", "targets", "target_ranks", "scores", "reliability")}
     fields.update(predicted=np.array([partial.predicted for partial in partials], np.int32),

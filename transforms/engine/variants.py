@@ -42,7 +42,7 @@ class Accumulator:
     """Base of the variants: the interface and the channel reduction setting.
 
     Args:
-        reduce: one of :data:`transforms.reductions.REDUCTIONS`.
+        reduce: one of :data:`transforms.engine.reductions.REDUCTIONS`.
     """
 
     #: The variant's name in :data:`VARIANTS`.
@@ -358,7 +358,7 @@ def get_variant(name: str, reduce: str) -> Accumulator:
 
     Args:
         name: one of :data:`VARIANTS`.
-        reduce: one of :data:`transforms.reductions.REDUCTIONS`.
+        reduce: one of :data:`transforms.engine.reductions.REDUCTIONS`.
 
     Returns:
         A new :class:`Accumulator` for that variant and reduction.

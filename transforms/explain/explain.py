@@ -19,7 +19,7 @@ the one-line reason it could not be explained. A batch that fails is retried
 record by record, so only the records at fault fail.
 
 With ``samples: auto`` the handler runs the first stage only (``stage=0``);
-:mod:`transforms.explain_stages` adds the later ones.
+:mod:`transforms.explain.explain_stages` adds the later ones.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class EngineOutput:
         jit_used: the compilation mode the engine ran in (``xla`` or ``graph``).
         new_compiles: times the engine's function was traced since the previous
             output of this engine (so that summing them counts every compile once).
-        partials: with ``samples: auto``, one :class:`transforms.adaptive.Partial`
+        partials: with ``samples: auto``, one :class:`transforms.engine.adaptive.Partial`
             per image instead of ``result``.
     """
 
@@ -162,7 +162,7 @@ class Explained:
         error: the one-line reason of a failure, else None.
         samples_used: the noisy samples behind the maps; None on failure.
         partial: with ``samples: auto``, an image not finished yet: its
-            :class:`transforms.adaptive.Partial` for the next stage (no maps yet).
+            :class:`transforms.engine.adaptive.Partial` for the next stage (no maps yet).
     """
 
     example: Example

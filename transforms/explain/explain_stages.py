@@ -1,17 +1,17 @@
 """The explain step with ``samples: auto``: the first stage, then one Beam step per later stage.
 
-Each image is explained in stages (:class:`transforms.adaptive.AdaptiveSamples`:
+Each image is explained in stages (:class:`transforms.engine.adaptive.AdaptiveSamples`:
 by default 8 samples, then up to 12, 16, ... 64). The first stage is Beam's
-``RunInference`` with the staged :class:`transforms.explain.SmoothGradModelHandler`;
+``RunInference`` with the staged :class:`transforms.explain.explain.SmoothGradModelHandler`;
 each later stage is a :class:`ResumeStage` step that batches only the images
 still unfinished (each carries its running sums in its
-:class:`transforms.explain.Explained`) and passes the finished ones on as they
+:class:`transforms.explain.explain.Explained`) and passes the finished ones on as they
 are. No flatten joins the stages: every finished image leaves the last step,
 so the whole explain step stays in the fused stage with the read, decode and
 row steps, and nothing crosses a stage boundary (a flatten of several steps
 would be one on Beam's local runner, which would hold every map in memory).
 
-Every stage of a process uses one engine (:func:`transforms.explain.shared_engine`):
+Every stage of a process uses one engine (:func:`transforms.explain.explain.shared_engine`):
 the model is loaded once, and the engine's two compiled functions (the first
 stage, and every later stage, whose first sample and count are inputs) are
 traced once each per batch shape. With ``model_copies`` the first stage's
@@ -47,7 +47,7 @@ class ResumeStage(beam.DoFn):
         settings: the model source and the engine's options (``samples="auto"``).
         batch_size: the fixed batch (a bundle's last batch is padded by the engine).
         stage: the stage's index (1 for the second stage, ...).
-        model_copies: as for :class:`transforms.explain.SmoothGradModelHandler`.
+        model_copies: as for :class:`transforms.explain.explain.SmoothGradModelHandler`.
         model_tag: with ``model_copies``, the name of the machine-wide engine of the later stages.
 
     At most ``batch_size - 1`` unfinished images wait in a step at a time.
@@ -110,12 +110,12 @@ class ExplainInStages(beam.PTransform):
     Args:
         settings: the model source and the engine's options (``samples="auto"``).
         batch_size: the fixed batch of every stage.
-        model_copies: as for :class:`transforms.explain.SmoothGradModelHandler`.
+        model_copies: as for :class:`transforms.explain.explain.SmoothGradModelHandler`.
         boundaries: the sample count at the end of each stage
-            (:attr:`transforms.adaptive.AdaptiveSamples.boundaries`).
+            (:attr:`transforms.engine.adaptive.AdaptiveSamples.boundaries`).
 
     The input is the decoded examples; the output one finished
-    :class:`transforms.explain.Explained` per example (its maps, or its
+    :class:`transforms.explain.explain.Explained` per example (its maps, or its
     error). Step names say the samples done at each stage's end (``Samples8``,
     ``Samples12``, ...).
 

@@ -106,7 +106,7 @@ def run_sanity_checks(examples, settings) -> dict:
 
     Args:
         examples: decoded examples (``key`` and ``image`` used), any order.
-        settings: an :class:`transforms.explain.ExplainSettings` (model source and engine options).
+        settings: an :class:`transforms.explain.explain.ExplainSettings` (model source and engine options).
 
     Returns:
         ``{"records", "keys", "convergence", "randomisation", "seconds"}``, or

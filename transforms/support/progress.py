@@ -15,7 +15,7 @@ totals are Beam metrics in the ``smoothgrad_audit`` namespace
 which the Dataflow UI shows while the job runs.
 
 The total comes from the launcher, which counts the records of local input
-files by walking their headers (:func:`transforms.records.count_records`); for
+files by walking their headers (:func:`transforms.read.records.count_records`); for
 remote or compressed inputs it is unknown and the line has no ETA.
 """
 
