@@ -1,4 +1,4 @@
-"""Tests of the demo dataset generator and demo model (pipelines/demo.py)."""
+"""Tests of the demo dataset generator and demo model (pipelines/demo/)."""
 
 from __future__ import annotations
 
