@@ -120,7 +120,7 @@ def test_write_dataset_is_deterministic_and_depends_on_seed_and_split(tmp_path):
 def test_write_dataset_writes_the_same_bytes_in_another_process(tmp_path):
     # Another process has another string hash seed, which reorders protobuf
     # maps unless they are serialised deterministically.
-    script = ("import sys, hashlib; from pipelines import demo; "
+    script = ("import sys, hashlib; from pipelines.demo import demo; "
               "paths = demo.write_dataset(sys.argv[1], 'test', count=3, seed=0, image_size=32); "
               "print(hashlib.sha256(open(paths[0], 'rb').read()).hexdigest())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
