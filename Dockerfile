@@ -1,5 +1,5 @@
 # Worker container for smoothgrad-audit on Dataflow (Runner v2), which also
-# serves as the Flex Template launcher image. Build and push: README, "Running at scale".
+# serves as the Flex Template launcher image. Build and push: docs/running-at-scale.md.
 #
 #   docker build -t IMAGE .                  # workers and Flex Template launcher (default)
 #   docker build --target worker -t IMAGE .  # workers only

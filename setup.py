@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*"]),
-    package_data={"pipelines": ["templates/*.j2"]},  # the report's HTML templates
+    package_data={"pipelines.report": ["templates/*.j2"]},  # the report's HTML templates
     install_requires=[
         "apache-beam>=2.77.0,<2.78",
         "tensorflow>=2.21.0,<2.22",

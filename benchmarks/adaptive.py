@@ -22,7 +22,7 @@ each explainer compiles and is not timed) and, for adaptive, the image-samples
 computed per image counting the padding of each stage's last batch.
 ``--margins 0.16,0.26`` runs the adaptive row once per stopping margin C (the
 rule stops an image after n samples when its estimate reaches
-``target + C / n``; this sets ``transforms.adaptive.MARGIN`` for the run); the
+``target + C / n``; this sets ``transforms.engine.adaptive.MARGIN`` for the run); the
 default is the engine's own margin. All explainers use ``noise=0.1``
 (absolute), ``batch_size=16``, ``jit="graph"``. The JSON goes to ``--out``
 (``benchmarks/adaptive.json``).
@@ -55,7 +55,7 @@ ROWS = (10, 20, 30, 50)
 
 
 def agreements(maps, reference) -> np.ndarray:
-    from transforms.statistics import rank_correlation
+    from transforms.engine.statistics import rank_correlation
 
     return np.array([rank_correlation(m, r) for m, r in zip(maps, reference)])
 
@@ -83,10 +83,10 @@ def padded_samples(used: np.ndarray, boundaries, batch_size: int) -> int:
 
 def run_model(name: str, args, margins: list[float]) -> dict:
     """Reference, adaptive runs (one per margin) and the fixed-N grid of one model; the check uses the first margin."""
-    import transforms.adaptive
-    from transforms.smoothgrad import SmoothGrad
+    import transforms.engine.adaptive
+    from transforms.engine.smoothgrad import SmoothGrad
 
-    engine_margin = transforms.adaptive.MARGIN
+    engine_margin = transforms.engine.adaptive.MARGIN
 
     model, images, keys = load_model_images(name, args.images, args.demo_data)
     images, keys = images[args.images // 2:], keys[args.images // 2:]
@@ -95,13 +95,13 @@ def run_model(name: str, args, margins: list[float]) -> dict:
     runs = {}  # margin -> (result, seconds, agrees)
     try:
         for margin in margins:
-            transforms.adaptive.MARGIN = margin
+            transforms.engine.adaptive.MARGIN = margin
             result, elapsed = timed(SmoothGrad(
                 model, samples="auto", target_reliability=args.target_reliability, min_samples=args.min_samples,
                 max_samples=args.max_samples, **common), images, keys, args.repeats)
             runs[margin] = (result, elapsed, agreements(result.maps, reference) >= args.target)
     finally:
-        transforms.adaptive.MARGIN = engine_margin
+        transforms.engine.adaptive.MARGIN = engine_margin
     fixed_share, seconds = {}, {}
     difference, compared = dict.fromkeys(margins, 0.0), dict.fromkeys(margins, 0)
     for samples in sorted(set(GRID) | set(ROWS)):
@@ -139,7 +139,7 @@ def run_model(name: str, args, margins: list[float]) -> dict:
             "histogram": {str(n): int(c) for n, c in zip(*np.unique(counts, return_counts=True))},
             "seconds": round(elapsed, 2), "smallest_fixed_n_reaching_share": smallest,
             "padded_image_samples_per_image": round(padded_samples(
-                counts, transforms.adaptive.stage_boundaries(args.min_samples, args.max_samples), 16) / len(keys), 2),
+                counts, transforms.engine.adaptive.stage_boundaries(args.min_samples, args.max_samples), 16) / len(keys), 2),
             "gain": round(smallest / float(counts.mean()), 2) if smallest else None,
             "same_as_fixed_n": {"images_compared": compared[margin], "max_abs_diff": difference[margin]}}
     return {
@@ -182,12 +182,12 @@ def main() -> None:
     parser.add_argument("--demo-data", default=str(ROOT / "demo_data"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "adaptive.json"))
     args = parser.parse_args()
-    import transforms.adaptive
+    import transforms.engine.adaptive
 
-    margins = [float(value) for value in args.margins.split(",")] if args.margins else [transforms.adaptive.MARGIN]
+    margins = [float(value) for value in args.margins.split(",")] if args.margins else [transforms.engine.adaptive.MARGIN]
     results = {name: run_model(name, args, margins) for name in args.models.split(",")}
     settings = {key: value for key, value in vars(args).items() if key not in ("out", "demo_data", "margins")}
-    settings.update(margins=margins, engine_margin=transforms.adaptive.MARGIN)
+    settings.update(margins=margins, engine_margin=transforms.engine.adaptive.MARGIN)
     Path(args.out).write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
     print(markdown(results))
     for name, result in results.items():

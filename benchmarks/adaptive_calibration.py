@@ -86,8 +86,8 @@ def load_model_images(name: str, count: int, demo_data: str):
     import keras
 
     if name == "demo":
-        from pipelines.demo_model import preprocess
-        from pipelines.demo_records import load_split
+        from pipelines.demo.demo_model import preprocess
+        from pipelines.demo.demo_records import load_split
 
         split = load_split(demo_data, "test")
         model = keras.saving.load_model(os.path.join(demo_data, "model.keras"))
@@ -102,8 +102,8 @@ def load_model_images(name: str, count: int, demo_data: str):
 
 def measure(name: str, count: int, reference: int, demo_data: str) -> dict:
     """The raw arrays of one model: ``r``, ``a``, ``a_disjoint`` ``[images, len(GRID)]``, keys, seconds."""
-    from transforms.smoothgrad import SmoothGrad
-    from transforms.statistics import rank_correlation
+    from transforms.engine.smoothgrad import SmoothGrad
+    from transforms.engine.statistics import rank_correlation
 
     model, images, keys = load_model_images(name, count, demo_data)
     common = dict(noise=0.1, batch_size=16, jit="graph")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
-from transforms.smoothgrad import SmoothGrad  # noqa: E402
+from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402
 
 
 def _demo():

@@ -1,4 +1,4 @@
-"""The README's cost table: worker-hours per million images at N = 20, measured on CPU, estimated on GPUs.
+"""The cost table of docs/running-at-scale.md: worker-hours per million images at N = 20, measured on CPU, estimated on GPUs.
 
 CPU rows are engine throughputs measured on this project's 2-vCPU machine
 (benchmarks/RESULTS.md; float32, jit graph). GPU rows are **estimates**, not

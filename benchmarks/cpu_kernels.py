@@ -61,7 +61,7 @@ def engine_figures(models: list[str], samples: int, batch: int, repeats: int) ->
     import numpy as np
     from peers import Case, build_model, kex_loop_runner, logits_model, random_images, time_calls
 
-    from transforms.device import current_device_kind
+    from transforms.engine.device import current_device_kind
     from transforms.smoothgrad import SmoothGrad
 
     figures = {"device": current_device_kind(), "models": {}}

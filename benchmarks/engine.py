@@ -39,7 +39,7 @@ from tensorflow.python.framework.convert_to_constants import (  # noqa: E402
     convert_variables_to_constants_v2,
 )
 
-from transforms.smoothgrad import VARIANTS, SmoothGrad, choose_jit  # noqa: E402
+from transforms.engine.smoothgrad import VARIANTS, SmoothGrad, choose_jit  # noqa: E402
 
 FLOP_METHOD = ("tf.compat.v1.profiler float_operation on the frozen forward graph at batch 1 "
                "(cross-check: 2 x multiply-adds of Conv2D/DepthwiseConv2D/SeparableConv2D/Dense)")
@@ -97,7 +97,7 @@ def analytic_flops(model) -> int:
 def _build_model(name: str, image_size: int):
     keras.utils.set_random_seed(0)
     if name == "demo":  # the demo's CNN architecture (untrained), e.g. --image-size 64
-        from pipelines.demo_model import build_model
+        from pipelines.demo.demo_model import build_model
 
         return build_model(image_size)
     return getattr(keras.applications, name)(weights=None, input_shape=(image_size, image_size, 3))

@@ -5,7 +5,7 @@ Three parts, each printed as one line per figure (median of ``--repeats`` warm c
 * ``chunk``: images/s of the engine at chunks 1, 2, 4 and the default against a
   graph loop of one noisy batch per sample (``keras_explainable``'s strategy),
   for a ``keras.applications`` model with random weights;
-* ``noise``: the engine's reproducible noise (``transforms.noise.standard_normal``:
+* ``noise``: the engine's reproducible noise (``transforms.engine.noise.standard_normal``:
   one Philox stream per (key, sample) and a hand-made Box-Muller) against
   ``tf.random.normal`` for 8 images of 64×64×3 and of 224×224×3;
 * ``dtypes``: a 2048² matmul and a 3×3 convolution of 16×56×56×256 in float32
@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-from transforms.noise import standard_normal  # noqa: E402
-from transforms.scores import score_function  # noqa: E402
-from transforms.smoothgrad import SmoothGrad  # noqa: E402
+from transforms.engine.noise import standard_normal  # noqa: E402
+from transforms.engine.scores import score_function  # noqa: E402
+from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402
 
 
 def median_seconds(call, repeats: int) -> float:

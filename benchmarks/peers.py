@@ -31,7 +31,7 @@ units) with the same absolute noise σ (0.1 by default), this script times:
   chunk) so both hold the same number of noisy images at once.
 
 Every implementation explains the same scores, the pre-softmax logits
-(``transforms.scores.score_function``; the peers get a Keras model built from
+(``transforms.engine.scores.score_function``; the peers get a Keras model built from
 it), and the same target, the top-1 class of the clean input. The engine and
 the kex loop choose it themselves (one clean forward pass per image); the peers
 are given it, and the engine's targets are checked to agree.
@@ -41,7 +41,7 @@ samples of the channel-mean |gradient| (the engine's default ``smoothgrad``
 variant). PAIR (``magnitude=False``) and xplique return the mean *signed*
 gradient (the paper's SmoothGrad), reduced here (PAIR) or by xplique's
 ``reducer="mean"`` to its channel mean. Fidelity is the Spearman rank
-correlation (``transforms.statistics.rank_correlation``, mean over the batch's
+correlation (``transforms.engine.statistics.rank_correlation``, mean over the batch's
 images) with the engine's float32 maps of the same quantity: the default
 variant for |gradient| implementations, ``variant="signed"`` (one untimed
 engine call) for PAIR and xplique. Noise draws differ between implementations,
@@ -96,10 +96,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-from transforms.errors import one_line  # noqa: E402
-from transforms.statistics import rank_correlation  # noqa: E402
-from transforms.scores import score_function  # noqa: E402
-from transforms.smoothgrad import SmoothGrad  # noqa: E402
+from transforms.support.errors import one_line  # noqa: E402
+from transforms.engine.statistics import rank_correlation  # noqa: E402
+from transforms.engine.scores import score_function  # noqa: E402
+from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402
 
 #: keras.applications models are built at this size (weights=None).
 APPLICATION_SIZE = 224

@@ -160,9 +160,9 @@ def decode_like_the_pipeline(paths: list[Path], pipeline_args: list[str], image_
     run, so resizing and preprocessing (``tf``: ``x/127.5 - 1``) are the
     pipeline's; the keys are the pipeline's ``<file name>:<index>``.
     """
-    from pipelines.config import parse
-    from transforms.decode import DecodeSettings, Example, decode_batch
-    from transforms.records import Record, read_records
+    from pipelines.run.command_line import parse
+    from transforms.decode.decode import DecodeSettings, Example, decode_batch
+    from transforms.read.records import Record, read_records
 
     config, _ = parse(pipeline_args)
     settings = DecodeSettings.from_config(config, (image_size, image_size), 3, None)
@@ -316,8 +316,8 @@ def engine_child(spec_path: str) -> None:
     """Runs in the engine subprocess: warm SmoothGrad calls on the saved images; writes a JSON result."""
     spec = json.loads(Path(spec_path).read_text())
     started = time.perf_counter()
-    from transforms.models import load_model
-    from transforms.smoothgrad import SmoothGrad
+    from transforms.support.models import load_model
+    from transforms.engine.smoothgrad import SmoothGrad
 
     images = np.load(spec["images"])
     keys = spec["keys"]
@@ -487,7 +487,7 @@ def markdown_report(report: dict) -> str:
 
 def environment() -> dict:
     import tensorflow as tf
-    from transforms.corpus import versions
+    from transforms.write.corpus import versions
 
     cpu_model = platform.processor() or platform.machine()
     try:

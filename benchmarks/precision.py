@@ -37,10 +37,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-from pipelines import demo  # noqa: E402
-from transforms.precision import PRECISIONS  # noqa: E402
-from transforms.statistics import rank_correlation  # noqa: E402
-from transforms.smoothgrad import SmoothGrad  # noqa: E402
+from pipelines.demo import demo  # noqa: E402
+from transforms.engine.precision import PRECISIONS  # noqa: E402
+from transforms.engine.statistics import rank_correlation  # noqa: E402
+from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402
 
 
 def load(name: str, count: int, data_dir: str):

@@ -3,7 +3,7 @@
 Every demo image's class is decided by one object whose pixel mask is stored
 with the image (``python -m pipelines.demo``), so a saliency map can be scored
 by the two figures the pipeline stores in its corpus columns
-(``transforms.postprocess.mask_figures``):
+(``transforms.rows.postprocess.mask_figures``):
 
 * **mass in mask**: the share of the map's |mass| that falls on the object;
 * **pointing**: whether the map's largest |value| lies on the object.
@@ -56,10 +56,10 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines import demo
-from pipelines.quality_report import markdown
-from pipelines.quality_study import StudySettings, run_study
-from transforms.smoothgrad import JIT_MODES
+from pipelines.demo import demo
+from pipelines.demo.quality_report import markdown
+from pipelines.demo.quality_study import StudySettings, run_study
+from transforms.engine.smoothgrad import JIT_MODES
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     """Runs the study with the command line's options, prints the tables and writes the outputs.
 
     Returns:
-        The report (see :func:`pipelines.quality_study.run_study`).
+        The report (see :func:`pipelines.demo.quality_study.run_study`).
     """
     parser = _parser()
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
-from transforms.smoothgrad import SmoothGrad  # noqa: E402
+from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402
 
 CASES = {  # name: (how to build the model, input shape, batch, images per call)
     "demo": (lambda: keras.saving.load_model("demo_data/model.keras"), (64, 64, 3), 16, 64),

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from transforms.smoothgrad import SmoothGrad  # noqa: E402
-from transforms.statistics import rank_correlation  # noqa: E402
+from transforms.engine.smoothgrad import SmoothGrad  # noqa: E402
+from transforms.engine.statistics import rank_correlation  # noqa: E402
 
 
 def demo_images(count: int):

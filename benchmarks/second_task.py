@@ -15,7 +15,7 @@ global max pooling), then ``Dense(4, activation="softmax", name="predictions")``
 It takes ``x / 127.5 - 1`` inputs like the demo model.
 
 Everything is seeded: image ``i`` of split ``s`` comes from its own random
-stream (``pipelines.demo_records.example_rng``), the weights from
+stream (``pipelines.demo.demo_records.example_rng``), the weights from
 ``keras.utils.set_random_seed`` with op determinism on while training.
 Results are cached in ``benchmarks/.cache/second_task/`` (gitignored):
 ``model.keras``, ``test.npz`` (``images`` uint8, ``labels``, ``masks``, ``keys``)
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipelines.demo_records import example_rng  # noqa: E402
+from pipelines.demo.demo_records import example_rng  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache" / "second_task"
 CLASS_NAMES = ("0deg", "45deg", "90deg", "135deg")

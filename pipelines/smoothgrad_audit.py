@@ -7,51 +7,46 @@ Usage::
 
 The graph reads as a sentence of named steps: ReadRecords → BatchRecords →
 Decode → SmoothGrad (Beam RunInference) → ToRows → WriteCorpus (Parquet shards,
-errors, and ``_MANIFEST.json`` last). See README.md for every option and the
-output schema, ARCHITECTURE.md for the modules.
+errors, and ``_MANIFEST.json`` last). See docs/options.md for every option,
+docs/output.md for the output schema, ARCHITECTURE.md for the modules.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import sys
-from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
-from pipelines.baseline import Baseline, expected_device, fingerprint
-from pipelines.baseline import resolve as resolve_baseline
-from pipelines.command_line import parse_command
-from pipelines.config import Config, ConfigError
-from transforms import corpus, postprocess, storage
-from transforms import schema as corpus_schema
-from transforms.baseline import UseBaseline
-from transforms.decode import DecodeRecords, DecodeSettings
-from transforms.device import CPU_KERNELS, request_cpu_kernels
-from transforms.errors import ERRORS
-from transforms.explain import ExplainSettings, SmoothGradModelHandler
-from transforms.explain_stages import ExplainInStages
-from transforms.models import ModelError, ModelInfo, describe, load_model
-from transforms.noise import key_seed
-from transforms.progress import Progress, ProgressSettings, ReportProgress
-from transforms.records import ReadTFRecords, count_records
-from transforms.rows import RowSettings, ToRows
-from transforms.sanity import run_sanity_checks
-from transforms.smoothgrad import SmoothGrad
+from pipelines.run.baseline import Baseline, expected_device, fingerprint
+from pipelines.run.baseline import resolve as resolve_baseline
+from pipelines.run.command_line import parse_command
+from pipelines.run.config import Config, ConfigError
+from pipelines.run.plan import DEFAULT_RUNNER, Plan, count_inputs, plan, prepare_run_dir
+from pipelines.run.validate import check_run
+from transforms.write import corpus
+from transforms.write import schema as corpus_schema
+from transforms.reuse.baseline import UseBaseline
+from transforms.decode.decode import DecodeRecords, DecodeSettings
+from transforms.support.errors import ERRORS
+from transforms.explain.explain import ExplainSettings, SmoothGradModelHandler
+from transforms.explain.explain_stages import ExplainInStages
+from transforms.engine.device import CPU_KERNELS, request_cpu_kernels
+from transforms.engine.noise import key_seed
+from transforms.support.progress import Progress, ProgressSettings, ReportProgress
+from transforms.read.records import ReadTFRecords
+from transforms.rows.rows import RowSettings, ToRows
+from transforms.explain.sanity import run_sanity_checks
 
 # Named, not __name__: under ``python -m pipelines.smoothgrad_audit`` __name__ is "__main__", whose
 # INFO lines the CLI would not show.
 logger = logging.getLogger("pipelines.smoothgrad_audit")
 
-# Beam's DirectRunner first tries to download the Prism runner; without a
-# --runner we use the in-process engine that DirectRunner falls back to.
-DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 DECODE_BATCH = 32
 
 
@@ -59,150 +54,13 @@ class WorkerKernelOptions(PipelineOptions):
     """``cpu_kernels`` as a pipeline option, so that it travels to every SDK worker with the job's options.
 
     A worker reads it from its ``PIPELINE_OPTIONS`` when ``transforms`` is imported, before TensorFlow
-    (:func:`transforms.device.apply_on_import`). The launcher sets it from the config.
+    (:func:`transforms.engine.device.apply_on_import`). The launcher sets it from the config.
     """
 
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--cpu_kernels", default=None, choices=CPU_KERNELS,
                             help="TensorFlow's CPU kernel library on the workers (set from the config).")
-
-
-def _check_inputs(config: Config) -> None:
-    names = {}
-    for pattern in config.input:
-        try:
-            matched = FileSystems.match([pattern])[0].metadata_list
-        except Exception as error:  # noqa: BLE001 - bad scheme, no permission...
-            raise ConfigError(f"config key 'input': cannot list {pattern!r} ({error}).") from None
-        if not matched:
-            raise ConfigError(f"config key 'input': pattern {pattern!r} matches no file.")
-        for metadata in matched:
-            names.setdefault(FileSystems.split(metadata.path)[1], set()).add(metadata.path)
-    clashing = sorted(name for name, paths in names.items() if len(paths) > 1)
-    if clashing and not config.id_feature:
-        logger.warning("%d file names occur in several input folders (e.g. %s): their default keys "
-                       "<file name>:<index> collide; set id_feature or rename the files.",
-                       len(clashing), clashing[0])
-
-
-def check_run_dir(config: Config) -> tuple[str, bool]:
-    """Checks ``output`` without changing anything; returns the run folder and whether it holds a completed run.
-
-    Raises :class:`ConfigError` when ``output`` is a file, or the folder holds a
-    completed run and ``overwrite`` is off.
-    """
-    output = config.output.rstrip("/") or "/"
-    if not storage.is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
-        raise ConfigError(f"config key 'output': {output!r} is a file; a folder is needed.")
-    run_dir = FileSystems.join(output, f"run_id={config.run_id}")
-    completed = FileSystems.exists(FileSystems.join(run_dir, corpus.MANIFEST))
-    if completed and not config.overwrite:
-        raise ConfigError(f"config key 'run_id': {run_dir} already holds a completed run; "
-                          "choose another run_id or pass --overwrite.")
-    return run_dir, completed
-
-
-def prepare_run_dir(config: Config) -> str:
-    """Checks ``output`` and returns an empty ``OUTPUT/run_id=<RUN_ID>`` folder.
-
-    A folder with a manifest is a completed run: refused unless ``overwrite``.
-    A folder without one is an interrupted run: cleaned up. Every file below the
-    folder is deleted by name, so on an object store (where a folder is only a
-    name prefix) no stale shard survives either.
-    """
-    run_dir, completed = check_run_dir(config)
-    removed = storage.clear_folder(run_dir)
-    if removed:
-        logger.info("Removed %d file(s) of %s from %s.", removed,
-                    "the completed run (overwrite)" if completed else "an incomplete earlier run", run_dir)
-    if not storage.is_remote(run_dir):
-        FileSystems.mkdirs(run_dir)
-    return run_dir
-
-
-def _image_size(config: Config, input_shape: tuple) -> tuple[int, int]:
-    height, width = input_shape[0], input_shape[1]
-    if config.image_size:
-        wanted = tuple(config.image_size)
-        if height is not None and (height, width) != wanted:
-            raise ConfigError(f"config key 'image_size': the model takes {height}x{width}; got "
-                              f"{wanted[0]}x{wanted[1]}.")
-        return wanted
-    if height is None or width is None:
-        raise ConfigError("config key 'image_size' is required: the model's input size is not fixed "
-                          f"({input_shape}); give H,W.")
-    return height, width
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Everything checked and derived on the launcher before the pipeline starts.
-
-    Attributes:
-        model: the loaded Keras model (launcher only; workers load their own).
-        info: what the manifest records about the model.
-        image_size: (H, W) of the model input.
-        channels: C of the model input.
-        engine_args: keyword arguments of :class:`SmoothGrad`, as workers get them.
-        engine: the launcher's engine, built to check the options against the model.
-        map_shape: the stored map's shape, ``(H, W)`` or ``(H, W, C)``.
-    """
-
-    model: Any
-    info: ModelInfo
-    image_size: tuple
-    channels: int
-    engine_args: dict
-    engine: SmoothGrad
-    map_shape: tuple
-
-
-def plan(config: Config) -> Plan:
-    """Checks the inputs, the model and every option against it; raises :class:`ConfigError` (one line)."""
-    _check_inputs(config)
-    try:
-        model = load_model(config.model, config.weights, safe_mode=not config.unsafe_model_loading)
-        info = describe(model, config.model, config.weights)
-    except ModelError as error:
-        raise ConfigError(f"config key 'model': {error}") from None
-    height, width = _image_size(config, info.input_shape)
-    channels = info.input_shape[2]
-    if channels is None:
-        raise ConfigError(f"config key 'model': the model's channel count is not fixed ({info.input_shape}).")
-    engine_args = dict(samples=config.samples, noise=config.noise, noise_mode=config.noise_mode,
-                       variant=config.variant, reduce=config.reduce, target=config.target,
-                       batch_size=config.batch_size, chunk=config.chunk, jit=config.jit, seed=config.seed,
-                       logits=config.logits, precision=config.precision,
-                       target_reliability=config.target_reliability, min_samples=config.min_samples,
-                       max_samples=config.max_samples)
-    try:
-        engine = SmoothGrad(model, **engine_args)
-    except ValueError as error:
-        raise ConfigError(f"SmoothGrad options: {error}") from None
-    try:
-        engine.check_model((height, width, channels))  # the target against the model's classes
-    except ValueError as error:
-        raise ConfigError(f"config key 'target': {error}") from None
-    try:
-        stored = postprocess.downsampled_size(height, width, config.downsample)
-    except ValueError as error:
-        raise ConfigError(f"config key 'downsample': {error}") from None
-    map_shape = stored + ((channels,) if config.reduce == "none" else ())
-    return Plan(model=model, info=info, image_size=(height, width), channels=channels, engine_args=engine_args,
-                engine=engine, map_shape=tuple(map_shape))
-
-
-def count_inputs(patterns: list[str]) -> int | None:
-    """The number of input records when every input file is local and uncompressed, else None."""
-    total = 0
-    for match in FileSystems.match(list(patterns)):
-        for metadata in match.metadata_list:
-            count = count_records(metadata.path)
-            if count is None:
-                return None
-            total += count
-    return total
 
 
 def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, started_at: str,
@@ -283,7 +141,7 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
 def run(argv=None, save_main_session=True, test_pipeline=None, wait=True):
     """Runs one audit; returns the Beam ``PipelineResult`` (None with ``--validate_only``).
 
-    With ``--validate_only`` it only checks (:func:`pipelines.validate.check_run`)
+    With ``--validate_only`` it only checks (:func:`pipelines.run.validate.check_run`)
     and returns None. ``wait=False`` returns once the job is submitted (a Flex
     Template launcher must not wait for the job).
 
@@ -291,8 +149,6 @@ def run(argv=None, save_main_session=True, test_pipeline=None, wait=True):
     """
     command = parse_command(list(sys.argv[1:] if argv is None else argv))
     if command.validate_only:
-        from pipelines.validate import check_run
-
         check_run(command.config, command.beam_args)
         return None
     return run_config(command.config, command.beam_args, save_main_session=save_main_session,
@@ -367,7 +223,7 @@ def _restart_for_kernels(kernels: str) -> None:
 
 
 #: Sub-commands beside the default (running an audit): name → module with ``main(argv) -> int``.
-SUBCOMMANDS = {"report": "pipelines.report", "compare": "pipelines.compare"}
+SUBCOMMANDS = {"report": "pipelines.report.report", "compare": "pipelines.report.compare"}
 
 
 def main(argv=None, wait=True) -> int:

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 import transforms  # noqa: F401 - chooses the kernel library before TensorFlow is imported
-from transforms.device import cpu_kernels_in_effect, current_device_kind
+from transforms.engine.device import cpu_kernels_in_effect, current_device_kind
 
 import tensorflow as tf  # noqa: E402
 

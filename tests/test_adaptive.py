@@ -10,13 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import smoothgrad_audit
-from pipelines.config import ConfigError, parse
+from pipelines.run.command_line import parse
+from pipelines.run.config import ConfigError
 from tests import helpers
-from transforms.adaptive import AdaptiveSamples, Partial, estimate, stage_boundaries
-from transforms.decode import Example
-from transforms.explain import Explained, ExplainSettings
-from transforms.explain_stages import ResumeStage
-from transforms.smoothgrad import VARIANTS, SmoothGrad
+from transforms.engine.adaptive import AdaptiveSamples, Partial, estimate, stage_boundaries
+from transforms.decode.decode import Example
+from transforms.explain.explain import Explained, ExplainSettings
+from transforms.explain.explain_stages import ResumeStage
+from transforms.engine.smoothgrad import VARIANTS, SmoothGrad
 
 SIZE = 16
 COMMON = dict(batch_size=4, jit="graph", min_samples=4, max_samples=16)
@@ -152,7 +153,7 @@ class _FailingEngine:
     jit_used = "graph"
 
     def resume(self, images, keys, partials):
-        from transforms.explain import EngineOutput
+        from transforms.explain.explain import EngineOutput
 
         if "bad" in keys:
             raise RuntimeError("boom")

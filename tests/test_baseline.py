@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import smoothgrad_audit
-from pipelines.baseline import fingerprint, resolve
-from pipelines.config import ConfigError, parse
+from pipelines.run.baseline import fingerprint, resolve
+from pipelines.run.command_line import parse
+from pipelines.run.config import ConfigError
 from tests import helpers
 from tests.test_faults import faulty  # noqa: F401 - the fault dataset, reused with a baseline
-from transforms.records import encode_record
+from transforms.read.records import encode_record
 
 
 
@@ -149,7 +150,7 @@ def test_a_baseline_with_other_settings_is_not_used_and_the_log_names_the_field(
             "--model", changed["model"], "--run_id", "D", "--samples", "3", "--noise", "0.2", "--batch_size", "4",
             "--baseline", os.path.join(changed["output"], "run_id=A"), flag, value]
     config, own = _fingerprint_of(argv)
-    caplog.set_level(logging.INFO, logger="pipelines.baseline")
+    caplog.set_level(logging.INFO, logger="pipelines.run.baseline")
     assert resolve(config, own) is None
     [line] = [record.getMessage() for record in caplog.records if "not used" in record.getMessage()]
     assert f"differs from this run's: {field} (" in line and "Explaining every record" in line
@@ -165,7 +166,7 @@ def test_latest_picks_the_most_recent_completed_run_and_none_is_a_full_run(chang
     config, own = _fingerprint_of(argv)
     assert resolve(config, own).run_id == "C"  # A, B, C finished in that order; all three have this fingerprint
     empty, own_empty = _fingerprint_of(argv[:3] + [str(tmp_path / "nothing")] + argv[4:])
-    caplog.set_level(logging.INFO, logger="pipelines.baseline")
+    caplog.set_level(logging.INFO, logger="pipelines.run.baseline")
     assert resolve(empty, own_empty) is None
     assert any("no completed run" in record.getMessage() for record in caplog.records)
 
@@ -217,7 +218,7 @@ def test_fault_accounting_holds_with_a_baseline(faulty):  # noqa: F811 - the imp
 
 
 def test_the_report_of_a_scheduled_run_shows_what_the_baseline_gave(changed, tmp_path):
-    from pipelines import report
+    from pipelines.report import report
     from tests.test_report import read_page
 
     _, manifest, _, _ = changed["runs"]["B"]
@@ -228,7 +229,7 @@ def test_the_report_of_a_scheduled_run_shows_what_the_baseline_gave(changed, tmp
 
 
 def test_the_manifest_and_fingerprint_record_the_kind_of_device(changed):
-    from transforms.device import current_device_kind
+    from transforms.engine.device import current_device_kind
 
     _, manifest, _, _ = changed["runs"]["A"]
     assert manifest["devices_used"] == [current_device_kind()]
@@ -237,7 +238,7 @@ def test_the_manifest_and_fingerprint_record_the_kind_of_device(changed):
 
 
 def test_a_baseline_from_another_kind_of_device_is_not_used(changed, tmp_path, caplog):
-    from transforms.device import current_device_kind
+    from transforms.engine.device import current_device_kind
 
     output = tmp_path / "out"
     shutil.copytree(os.path.join(changed["output"], "run_id=A"), output / "run_id=A")

@@ -17,8 +17,8 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.worker import bundle_processor
 
 from pipelines import smoothgrad_audit
-from pipelines.baseline import fingerprint, resolve
-from pipelines.config import parse
+from pipelines.run.baseline import fingerprint, resolve
+from pipelines.run.command_line import parse
 from tests import helpers
 
 #: Producers of the PCollections allowed to cross a stage boundary, and why they are small.

@@ -8,8 +8,8 @@ import tensorflow as tf
 import keras
 
 from tests import helpers
-from transforms.statistics import rank_correlation
-from transforms.smoothgrad import SmoothGrad
+from transforms.engine.statistics import rank_correlation
+from transforms.engine.smoothgrad import SmoothGrad
 
 
 class _CountRows(keras.layers.Layer):

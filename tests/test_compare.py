@@ -9,11 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import compare, smoothgrad_audit
-from pipelines.run_data import Run, open_run
+from pipelines.report import compare
+from pipelines import smoothgrad_audit
+from pipelines.report.run_data import Run, open_run
 from tests import helpers
 from tests.test_report import MASK, assert_self_contained, masked_dataset, read_page
-from transforms.statistics import rank_correlation
+from transforms.engine.statistics import rank_correlation
 
 
 @pytest.fixture(scope="module")

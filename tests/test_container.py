@@ -97,8 +97,12 @@ def test_every_copied_path_exists_and_is_in_the_build_context():
     for source in sources:
         assert os.path.exists(os.path.join(REPO, source)), source
         assert not _ignored(source, patterns), source
-    for kept in ("pipelines/templates/report.html.j2", "transforms/smoothgrad.py"):
-        assert not _ignored(kept, patterns), kept
+    kept = [os.path.relpath(os.path.join(folder, name), REPO).replace(os.sep, "/")
+            for package in ("pipelines", "transforms") for folder, _, names in os.walk(os.path.join(REPO, package))
+            if "__pycache__" not in folder for name in names]
+    assert "pipelines/report/templates/report.html.j2" in kept and "transforms/engine/smoothgrad.py" in kept
+    for path in kept:  # every module of every subpackage, and the report's templates
+        assert not _ignored(path, patterns), path
     for left_out in (".venv/bin/python", ".git/HEAD", "demo_data/model.keras", "pipelines/__pycache__/x.pyc", "tests"):
         assert _ignored(left_out, patterns), left_out
 

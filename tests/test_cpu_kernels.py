@@ -26,8 +26,8 @@ import sys
 import pytest
 
 from tests import helpers
-from transforms import device as device_module
-from transforms.baseline import Decide, Seen, Stored
+from transforms.engine import device as device_module
+from transforms.reuse.baseline import Decide, Seen, Stored
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAP_ULPS = helpers.MAP_ULPS
@@ -114,14 +114,14 @@ def test_cpu_kernels_env_and_what_a_worker_reads_from_its_pipeline_options(tmp_p
 ])
 def test_importing_transforms_before_tensorflow_chooses_the_library(extra, expected):
     code = ("import transforms, sys; assert 'tensorflow' not in sys.modules\n"
-            "from transforms.device import cpu_kernels_in_effect; print(cpu_kernels_in_effect())")
+            "from transforms.engine.device import cpu_kernels_in_effect; print(cpu_kernels_in_effect())")
     done = _python(["-c", code], extra)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == expected
 
 
 def test_a_request_after_tensorflow_is_imported_says_what_is_in_effect():
-    code = ("import os, tensorflow\nfrom transforms.device import request_cpu_kernels\n"
+    code = ("import os, tensorflow\nfrom transforms.engine.device import request_cpu_kernels\n"
             "print(request_cpu_kernels('onednn'), request_cpu_kernels('eigen'), os.environ['TF_ENABLE_ONEDNN_OPTS'])")
     done = _python(["-c", code], {"TF_ENABLE_ONEDNN_OPTS": "0"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -148,7 +148,7 @@ def test_a_worker_on_another_kind_of_device_reuses_nothing_of_the_baseline(caplo
 
 
 def test_a_run_whose_rows_come_from_two_kinds_says_so(caplog):
-    from transforms.corpus import record_devices
+    from transforms.write.corpus import record_devices
 
     manifest = {"devices_used": ["cpu x86_64 A [avx2] eigen"], "fingerprint": {"device": None}}
     record_devices(manifest)

@@ -10,11 +10,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipelines.config import Config
+from pipelines.run.config import Config
 from tests import helpers
-from transforms.decode import DecodeSettings, Example, Failed, decode_batch, image_dimensions
-from transforms.preprocess import Preprocessing, preprocess
-from transforms.records import Record
+from transforms.decode.decode import DecodeSettings, Example, Failed, decode_batch, image_dimensions
+from transforms.decode.preprocess import Preprocessing, preprocess
+from transforms.read.records import Record
 
 
 def _encode(pixels: np.ndarray, image_format: str) -> bytes:

@@ -1,4 +1,4 @@
-"""Tests of the demo dataset generator and demo model (pipelines/demo.py)."""
+"""Tests of the demo dataset generator and demo model (pipelines/demo/)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from pipelines import demo, demo_drawing
+from pipelines.demo import demo, demo_drawing
 
 # Rasterisation rounds the designed 3-8% area share a little either way.
 AREA_SHARE_BOUNDS = (0.025, 0.09)
@@ -120,7 +120,7 @@ def test_write_dataset_is_deterministic_and_depends_on_seed_and_split(tmp_path):
 def test_write_dataset_writes_the_same_bytes_in_another_process(tmp_path):
     # Another process has another string hash seed, which reorders protobuf
     # maps unless they are serialised deterministically.
-    script = ("import sys, hashlib; from pipelines import demo; "
+    script = ("import sys, hashlib; from pipelines.demo import demo; "
               "paths = demo.write_dataset(sys.argv[1], 'test', count=3, seed=0, image_size=32); "
               "print(hashlib.sha256(open(paths[0], 'rb').read()).hexdigest())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transforms.smoothgrad import SmoothGrad
+from transforms.engine.smoothgrad import SmoothGrad
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transforms.jit import graph_fallback
-from transforms.noise import sample_seeds, sigma_per_image
-from transforms.reductions import reduce_magnitude, reduce_signed
-from transforms.smoothgrad import SmoothGrad
-from transforms.targets import Target
-from transforms.variants import VARIANTS, Accumulator, SplitHalves, accumulate, get_variant
+from transforms.engine.jit import graph_fallback
+from transforms.engine.noise import sample_seeds, sigma_per_image
+from transforms.engine.reductions import reduce_magnitude, reduce_signed
+from transforms.engine.smoothgrad import SmoothGrad
+from transforms.engine.targets import Target
+from transforms.engine.variants import VARIANTS, Accumulator, SplitHalves, accumulate, get_variant
 
 
 # ------------------------------------------------------------------- noise
@@ -226,7 +226,7 @@ def _conv_model():
 
 
 def test_reliability_is_the_rank_correlation_of_the_even_and_odd_sample_maps():
-    from transforms.statistics import rank_correlation
+    from transforms.engine.statistics import rank_correlation
 
     model = _conv_model()
     images = np.random.default_rng(0).normal(size=(3, 8, 8, 2)).astype(np.float32)

@@ -14,8 +14,8 @@ import tensorflow as tf
 
 from pipelines import smoothgrad_audit
 from tests import helpers
-from transforms.records import encode_record
-from transforms.smoothgrad import SmoothGrad
+from transforms.read.records import encode_record
+from transforms.engine.smoothgrad import SmoothGrad
 
 
 def _float_feature(values):
@@ -279,7 +279,7 @@ def test_interrupted_run_is_cleaned_up(small):
 
 def test_a_retried_bundle_does_not_duplicate_rows(small, monkeypatch, tmp_path):
     """A bundle that fails after emitting rows is retried by the runner; only one attempt counts."""
-    from transforms.rows import ToRows
+    from transforms.rows.rows import ToRows
 
     original = ToRows._row
     failures = []

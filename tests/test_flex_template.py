@@ -9,9 +9,9 @@ import re
 
 import yaml
 
-from pipelines import flex_template
-from pipelines.command_line import parse_command
-from pipelines.config import Config
+from pipelines.run import flex_template
+from pipelines.run.command_line import parse_command
+from pipelines.run.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METADATA = os.path.join(REPO, "templates", "flex", "metadata.json")
@@ -38,7 +38,7 @@ def test_one_parameter_per_config_key_and_config():
 
 
 def test_the_checked_in_file_is_the_generated_one():
-    assert _metadata() == flex_template.metadata(), "run: python -m pipelines.flex_template > templates/flex/metadata.json"
+    assert _metadata() == flex_template.metadata(), "run: python -m pipelines.run.flex_template > templates/flex/metadata.json"
 
 
 def test_help_texts_and_patterns_fit_the_fields():

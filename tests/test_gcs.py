@@ -14,9 +14,9 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import smoothgrad_audit
-from pipelines.config import ConfigError
+from pipelines.run.config import ConfigError
 from tests import helpers
-from transforms import storage
+from transforms.support import storage
 
 
 def _upload(local: str, remote: str) -> str:
@@ -149,7 +149,7 @@ def test_a_scheduled_run_on_gcs_reuses_its_baseline_on_gcs(remote, gcs_bucket):
 
 
 def test_compare_of_two_runs_on_gcs_writes_its_page_to_gcs(remote, gcs_bucket):
-    from pipelines import compare
+    from pipelines.report import compare
 
     output = f"{gcs_bucket}/scheduled"
     if not storage.exists(f"{output}/run_id=tuesday/_MANIFEST.json"):
@@ -168,7 +168,7 @@ def test_records_on_gcs_are_read_in_chunks_of_one_ranged_request_each(remote, gc
     from apache_beam.testing.util import assert_that, equal_to
     from google.cloud.storage import Blob
 
-    from transforms.records import Record, ReadTFRecords, read_records
+    from transforms.read.records import Record, ReadTFRecords, read_records
 
     local = str(remote["folder"] / "chunked.tfrecord")
     helpers.write_tfrecords(local, [bytes([index]) * (1000 + 37 * index) for index in range(40)])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from transforms.models import ModelError, describe, file_sha256, load_model
-from transforms.smoothgrad import SmoothGrad
+from transforms.support.models import ModelError, describe, file_sha256, load_model
+from transforms.engine.smoothgrad import SmoothGrad
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,13 @@ def _source_files() -> set[str]:
     return files
 
 
+def _source_packages() -> set[str]:
+    """The package folders (with an ``__init__.py``), relative to the repository."""
+    return {os.path.relpath(folder, REPO).replace(os.sep, "/")
+            for package in PACKAGES for folder, _, names in os.walk(os.path.join(REPO, package))
+            if "__init__.py" in names and "__pycache__" not in folder}
+
+
 def _environment() -> dict:
     environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -86,8 +93,8 @@ def test_the_sdist_holds_every_package_file_setup_py_and_readme(built):
     assert {"setup.py", "README.md"} <= names
     missing = _source_files() - names
     assert not missing, missing
-    assert {f"pipelines/templates/{name}" for name in ("base.html.j2", "report.html.j2", "compare.html.j2",
-                                                       "macros.html.j2")} <= names
+    assert {f"pipelines/report/templates/{name}" for name in ("base.html.j2", "report.html.j2", "compare.html.j2",
+                                                              "macros.html.j2")} <= names
 
 
 def test_the_wheel_holds_every_package_file_and_the_console_script(built):
@@ -97,6 +104,13 @@ def test_the_wheel_holds_every_package_file_and_the_console_script(built):
     missing = _source_files() - names
     assert not missing, missing
     assert not {name for name in names if name.split("/")[0] not in (*PACKAGES,) and ".dist-info/" not in name}
+    packages = _source_packages()
+    assert {"pipelines/run", "pipelines/report", "pipelines/demo", "transforms/engine", "transforms/smoothgrad"} <= packages
+    in_wheel = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
+    assert in_wheel == packages, in_wheel ^ packages
+    templates = {name for name in names if name.endswith(".j2")}
+    assert templates and all(name.startswith("pipelines/report/templates/") for name in templates), templates
+    assert {"pipelines/demo/__main__.py", "pipelines/smoothgrad_audit.py"} <= names
     assert "smoothgrad-audit = pipelines.smoothgrad_audit:main" in entry_points
 
 
@@ -136,5 +150,8 @@ def test_the_wheel_in_a_fresh_venv_runs_the_pipeline_and_a_report_outside_the_so
         manifest = json.load(handle)
     assert manifest["invariant_holds"] is True and manifest["records_explained"] == 8
     _check([python, "-I", "-m", "pipelines.smoothgrad_audit", "report", "out/run_id=wheel"], cwd=str(work))
+    _check([python, "-I", "-c", "from transforms.smoothgrad import SmoothGrad; import pipelines.run.validate"],
+           cwd=str(work))
+    assert "usage: python -m pipelines.demo" in _check([python, "-I", "-m", "pipelines.demo", "--help"], cwd=str(work))
     with open(work / "out" / "run_id=wheel" / "report" / "index.html", encoding="utf-8") as handle:
         assert "Run summary" in handle.read()

@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 
 from pipelines import smoothgrad_audit
-from pipelines.config import ConfigError
+from pipelines.run.config import ConfigError
 from tests import helpers
-from transforms.smoothgrad import SmoothGrad
+from transforms.engine.smoothgrad import SmoothGrad
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_corpus_matches_engine_and_manifest(dataset):
     np.testing.assert_array_equal(table.column("target").to_numpy(), expected.targets)
     np.testing.assert_allclose(table.column("score").to_numpy(), expected.scores, rtol=1e-5)
     assert table.column("height").to_pylist() == [16] * 10
-    from transforms.statistics import STATISTICS, map_statistics
+    from transforms.engine.statistics import STATISTICS, map_statistics
 
     for row, saliency in enumerate(maps):  # the statistics columns describe the stored (full-resolution) map
         expected_figures = map_statistics(saliency)
@@ -162,7 +162,7 @@ def test_model_copies_share_one_model_across_worker_processes(dataset):
 
 def test_samples_auto_loads_one_model_for_every_stage_and_model_copies_give_the_same_corpus(dataset, caplog):
     auto = ("--samples", "auto", "--min_samples", "2", "--max_samples", "8", "--target_reliability", "0.97")
-    with caplog.at_level(logging.INFO, logger="transforms.explain"):
+    with caplog.at_level(logging.INFO, logger="transforms.explain.explain"):
         _, manifest, single, _ = _run(dataset, "auto-single", *auto)
     assert sum("Loaded" in record.getMessage() for record in caplog.records) == 1  # one engine, every stage
     assert manifest["invariant_holds"] and manifest["samples_used"]["records"] == 10
@@ -187,7 +187,7 @@ def test_flags_override_config_file(dataset, tmp_path):
 
 
 def test_help_lists_every_option_with_default(capsys):
-    from pipelines.config import Config
+    from pipelines.run.config import Config
 
     with pytest.raises(SystemExit) as exit_info:
         smoothgrad_audit.main(["--help"])

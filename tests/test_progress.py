@@ -11,8 +11,8 @@ import pytest
 
 from pipelines import smoothgrad_audit
 from tests import helpers
-from transforms.progress import Progress, ProgressSettings
-from transforms.records import count_records
+from transforms.support.progress import Progress, ProgressSettings
+from transforms.read.records import count_records
 
 
 def test_line_gives_done_rate_and_eta():
@@ -49,7 +49,7 @@ def test_a_run_logs_progress_lines_with_counts_and_eta(tmp_path, caplog):
     paths = helpers.write_image_dataset(str(tmp_path / "data"), files=2, per_file=6, size=16, classes=3)
     (tmp_path / "data" / "junk.tfrecord").write_bytes(b"not a tfrecord file at all")  # one read error
     model = helpers.save_tiny_cnn(str(tmp_path), size=16, classes=3)
-    caplog.set_level(logging.INFO, logger="transforms.progress")
+    caplog.set_level(logging.INFO, logger="transforms.support.progress")
     caplog.set_level(logging.INFO, logger="pipelines.smoothgrad_audit")
     result = smoothgrad_audit.run(["--input", str(tmp_path / "data" / "*.tfrecord"), "--output", str(tmp_path / "out"),
                           "--model", model, "--run_id", "progress", "--samples", "2", "--batch_size", "4",

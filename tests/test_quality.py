@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from transforms import postprocess, sanity
+from transforms.rows import postprocess
+from transforms.explain import sanity
 
 
 def test_mass_in_mask_and_pointing_on_hand_made_maps():

@@ -1,4 +1,4 @@
-"""The README's demo end to end: the demo job on the project's own data, and the README snippets."""
+"""The README's demo end to end: the demo job on the project's own data, and the snippets of the docs."""
 
 from __future__ import annotations
 
@@ -10,19 +10,20 @@ import re
 
 import pytest
 
-from pipelines import demo, smoothgrad_audit
+from pipelines.demo import demo
+from pipelines import smoothgrad_audit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _readme() -> str:
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+def _read(name: str = "README.md") -> str:
+    with open(os.path.join(REPO, name), encoding="utf-8") as handle:
         return handle.read()
 
 
 def _section(text: str, heading: str) -> str:
     match = re.search(rf"^## {re.escape(heading)}\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"README has no '## {heading}' section"
+    assert match, f"no '## {heading}' section"
     return match.group(1)
 
 
@@ -44,7 +45,7 @@ def demo_run(tmp_path_factory):
 
 
 def test_quick_start_is_two_commands_and_ci_runs_the_second():
-    block = re.search(r"```[a-z]*\n(.*?)```", _section(_readme(), "Quick start"), re.S).group(1)
+    block = re.search(r"```[a-z]*\n(.*?)```", _section(_read(), "Quick start"), re.S).group(1)
     commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
     assert len(commands) == 2
     assert "smoothgrad-audit --config configs/demo.yaml" in commands[0]
@@ -53,12 +54,15 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second():
         assert "Quick start" in handle.read()
 
 
-def test_readme_documents_every_option():
-    from pipelines.config import Config
+def test_the_options_page_documents_every_option_and_the_readme_only_real_ones():
+    from pipelines.run.config import Config
 
-    options = _section(_readme(), "Options")
+    options = _section(_read(os.path.join("docs", "options.md")), "Keys")
     for key in Config.keys():
         assert f"| `{key}` |" in options, key
+    most_used = _section(_read(), "The options used most")
+    named = {key for cell in re.findall(r"^\| ([^|]+) \|", most_used, re.M) for key in re.findall(r"`([a-z_]+)`", cell)}
+    assert named and named <= set(Config.keys()), named - set(Config.keys())
 
 
 def test_demo_corpus_manifest_and_quality(demo_run):
@@ -82,7 +86,8 @@ def test_demo_corpus_manifest_and_quality(demo_run):
 
 
 def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
-    snippets = re.findall(r"```python\n(.*?)```", _section(_readme(), "Reading the corpus"), re.S)
+    snippets = re.findall(r"```python\n(.*?)```", _section(_read(os.path.join("docs", "output.md")), "Reading the corpus"),
+                          re.S)
     assert len(snippets) == 4  # pyarrow, pandas, polars, DuckDB
     previous = os.getcwd()
     os.chdir(demo_run["folder"])
@@ -90,7 +95,7 @@ def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
         for snippet in snippets:
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
-                exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - our own README
+                exec(compile(snippet, "docs/output.md", "exec"), {})  # noqa: S102 - our own docs
             assert printed.getvalue().strip(), snippet
     finally:
         os.chdir(previous)
@@ -99,7 +104,7 @@ def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "local.yaml", "dataflow.yaml"])
 def test_shipped_configs_are_valid(name):
-    from pipelines.command_line import parse_command
+    from pipelines.run.command_line import parse_command
 
     command = parse_command(["--config", os.path.join(REPO, "configs", name)])
     config = command.config
@@ -127,7 +132,7 @@ def test_validate_only_on_the_demo_touches_nothing(demo_run, capsys):
         assert smoothgrad_audit.main(["--config", os.path.join(REPO, "configs", "demo.yaml"), "--validate_only"]) == 0
     finally:
         os.chdir(previous)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("INFO pipelines.validate:")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("INFO pipelines.run.validate:")]
     assert len(lines) == 1 and "200 records" in lines[0] and "explained on CPU" in lines[0], lines
     assert "holds a completed run: overwrite is on" in lines[0]
     assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()} == before
@@ -139,7 +144,7 @@ def test_running_at_scale_cost_table_is_what_benchmarks_cost_py_prints():
     spec = importlib.util.spec_from_file_location("cost", os.path.join(REPO, "benchmarks", "cost.py"))
     cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cost)
-    section = _section(_readme(), "Running at scale")
+    section = _read(os.path.join("docs", "running-at-scale.md"))
     assert cost.table() in section
     words = " ".join(section.split())
     assert "estimates, not measurements" in words and "vendor peaks" in words and "not quoted" in words
@@ -152,7 +157,7 @@ def test_scheduler_body_uses_template_parameters_and_a_baseline():
         names = {parameter["name"] for parameter in json.load(handle)["parameters"]}
     assert set(launch["parameters"]) <= names and launch["parameters"]["baseline"] == "latest"
     assert "run_id" not in launch["parameters"]  # a fixed body: the run folder takes the UTC start time
-    assert "scheduler-body.json" in _section(_readme(), "Running at scale")
+    assert "scheduler-body.json" in _read(os.path.join("docs", "running-at-scale.md"))
 
 
 def _browser_or_skip():
@@ -224,7 +229,7 @@ def test_samples_auto_on_the_demo_stops_images_at_different_counts_with_the_fixe
     import numpy as np
     import pyarrow.parquet as pq
 
-    from transforms.smoothgrad import SmoothGrad
+    from transforms.engine.smoothgrad import SmoothGrad
 
     folder = demo_run["folder"]
     previous = os.getcwd()
@@ -252,7 +257,7 @@ def test_samples_auto_on_the_demo_stops_images_at_different_counts_with_the_fixe
         stored = np.asarray(row["saliency"], np.float32).reshape(fixed.maps.shape[1:])
         np.testing.assert_allclose(stored, fixed.maps[0], rtol=1e-5, atol=1e-6 * float(np.abs(stored).max()))
     # the report of an auto run shows how many samples the maps took
-    from pipelines import report
+    from pipelines.report import report
 
     assert report.main([str(run_dir), "--out", str(folder / "auto-report")]) == 0
     assert (folder / "auto-report" / "img" / "hist-samples_used.png").stat().st_size > 0

@@ -23,10 +23,10 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import smoothgrad_audit
 from tests import helpers
-from transforms import records as records_module
-from transforms import storage
-from transforms.errors import error_row
-from transforms.records import (Chunk, IndexFiles, ReadError, Record, ReadTFRecords, count_records, encode_record,
+from transforms.read import records as records_module
+from transforms.support import storage
+from transforms.support.errors import error_row
+from transforms.read.records import (Chunk, IndexFiles, ReadError, Record, ReadTFRecords, count_records, encode_record,
                                 index_chunks, read_records, record_key)
 
 

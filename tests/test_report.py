@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import report, run_data, smoothgrad_audit
+from pipelines.report import report, run_data
+from pipelines import smoothgrad_audit
 from tests import helpers
-from transforms import schema as corpus_schema
+from transforms.write import schema as corpus_schema
 
 MASK = "image/object_mask"
 

@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 import keras
 
-from transforms.noise import key_seed, standard_normal
-from transforms.smoothgrad import (
+from transforms.engine.noise import key_seed, standard_normal
+from transforms.engine.smoothgrad import (
     REDUCTIONS,
     VARIANTS,
     SmoothGrad,

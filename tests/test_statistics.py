@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from transforms.statistics import STATISTICS, border_frame, map_statistics
+from transforms.engine.statistics import STATISTICS, border_frame, map_statistics
 
 
 def test_a_uniform_map():
@@ -59,7 +59,7 @@ def test_statistics_stay_in_range_on_random_maps():
 def test_rank_correlation_averages_tied_ranks_as_spearman_does():
     import pandas as pd
 
-    from transforms.statistics import average_ranks, rank_correlation
+    from transforms.engine.statistics import average_ranks, rank_correlation
 
     np.testing.assert_array_equal(average_ranks(np.array([3.0, 1.0, 3.0, 0.0])), [2.5, 1.0, 2.5, 0.0])
     rng = np.random.default_rng(0)

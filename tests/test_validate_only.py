@@ -8,8 +8,8 @@ import os
 import pytest
 
 from pipelines import smoothgrad_audit
-from pipelines.command_line import parse_command
-from pipelines.config import ConfigError
+from pipelines.run.command_line import parse_command
+from pipelines.run.config import ConfigError
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,14 +43,14 @@ def _main(argv, capsys) -> tuple[int, str]:
 def test_a_valid_run_explains_one_record_on_cpu_and_writes_nothing(dataset, caplog):
     with caplog.at_level(logging.INFO, logger="pipelines"):
         assert smoothgrad_audit.run(_args(dataset, "--validate_only")) is None
-    lines = [record.getMessage() for record in caplog.records if record.name == "pipelines.validate"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "pipelines.run.validate"]
     assert len(lines) == 1 and lines[0].startswith("Valid, nothing run: runner FnApiRunner; input 2 file(s), 6 records")
     assert "part-0.tfrecord:0 explained on CPU at batch size 1" in lines[0] and "map 16x16" in lines[0]
     assert not (dataset["folder"] / "out").exists()  # no run folder, nothing written
 
 
 def test_validate_only_figures_and_the_run_it_checked(dataset):
-    from pipelines.validate import check_run
+    from pipelines.run.validate import check_run
 
     command = parse_command(_args(dataset, "--validate_only", "--target", "label"))
     assert command.validate_only
@@ -61,7 +61,7 @@ def test_validate_only_figures_and_the_run_it_checked(dataset):
 
 
 def test_validate_only_with_samples_auto_says_how_many_samples_its_image_took(dataset, caplog):
-    from pipelines.validate import check_run
+    from pipelines.run.validate import check_run
 
     command = parse_command(_args(dataset, "--validate_only", "--samples", "auto", "--min_samples", "2",
                                   "--max_samples", "6"))

@@ -1,0 +1,168 @@
+"""The PNG figures of the report and the comparison, drawn with matplotlib.
+
+Figures are ``matplotlib.figure.Figure`` objects saved by the Agg canvas (the
+backend for files): pyplot is never imported, so no display is needed and the
+process's global backend is left alone.
+
+A saliency map is shown as its magnitude (``|s|``, summed over channels when
+they were kept), scaled to its 99th percentile, as a heat map whose opacity
+grows with the value, laid over the image it explains. A map stored at a lower
+resolution (``downsample``) is stretched over the same extent as the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+HEAT = "inferno"
+DPI = 100
+_GREY = "#6b7280"
+
+
+def _save(figure: Figure, path: str) -> str:
+    figure.savefig(path, format="png", dpi=DPI)
+    return path
+
+
+def heat(saliency: np.ndarray) -> np.ndarray:
+    """``[H, W]`` magnitude of a map scaled to [0, 1] (its 99th percentile is 1)."""
+    magnitude = np.abs(np.asarray(saliency, np.float64))
+    if magnitude.ndim == 3:
+        magnitude = magnitude.sum(axis=-1)
+    magnitude = np.nan_to_num(magnitude)
+    scale = float(np.percentile(magnitude, 99)) or float(magnitude.max()) or 1.0
+    return np.clip(magnitude / scale, 0.0, 1.0)
+
+
+def _heat_rgba(saliency: np.ndarray, opaque: bool) -> np.ndarray:
+    value = heat(saliency)
+    rgba = colormaps[HEAT](value)
+    if not opaque:
+        rgba[..., 3] = 0.15 + 0.75 * value
+    return rgba
+
+
+def _panel(axes, picture, saliency, title: str, size: tuple) -> None:
+    """One panel: the image alone (``saliency`` None) or the map over the image."""
+    height, width = size
+    extent = (0, width, height, 0)
+    axes.set_axis_off()
+    axes.set_title(title, fontsize=8, color=_GREY, pad=2)
+    has_image = picture is not None and picture.image is not None
+    if has_image:
+        axes.imshow(picture.image, cmap="gray" if picture.image.ndim == 2 else None, vmin=0, vmax=1,
+                    extent=extent, interpolation="nearest")
+    if saliency is not None:
+        axes.imshow(_heat_rgba(saliency, opaque=not has_image), extent=extent, interpolation="bilinear")
+        if picture is not None and picture.mask is not None and picture.mask.any() and not picture.mask.all():
+            axes.contour(np.arange(width) + 0.5, np.arange(height) + 0.5, picture.mask.astype(float),
+                         levels=[0.5], colors="#22d3ee", linewidths=0.8)
+    elif not has_image:
+        axes.add_patch(_placeholder_patch(width, height))
+        axes.text(width / 2, height / 2, "image\nunavailable", ha="center", va="center", fontsize=8, color=_GREY)
+    axes.set_xlim(0, width)
+    axes.set_ylim(height, 0)
+
+
+def _placeholder_patch(width: int, height: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((0, 0), width, height, facecolor="#f3f4f6", edgecolor="#d1d5db", hatch="//")
+
+
+def tile(path: str, picture, saliency: np.ndarray, size: tuple) -> str:
+    """A gallery tile: the image, and the map over the image; returns ``path``.
+
+    Args:
+        path: the PNG file to write.
+        picture: a :class:`pipelines.report.run_data.Picture` (its image may be missing).
+        saliency: the stored map.
+        size: (H, W) of the model input, the extent both panels cover.
+    """
+    figure = Figure(figsize=(3.2, 1.7))
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.88, wspace=0.06)
+    first, second = figure.subplots(1, 2)
+    _panel(first, picture, None, "image", size)
+    _panel(second, picture, saliency, "saliency", size)
+    return _save(figure, path)
+
+
+def compare_tile(path: str, picture, map_a: np.ndarray, map_b: np.ndarray, size: tuple,
+                 titles: tuple = ("A", "B")) -> str:
+    """A comparison tile: the image, map A over it, map B over it; returns ``path``."""
+    figure = Figure(figsize=(4.6, 1.7))
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.88, wspace=0.06)
+    panels = figure.subplots(1, 3)
+    _panel(panels[0], picture, None, "image", size)
+    _panel(panels[1], picture, map_a, titles[0], size)
+    _panel(panels[2], picture, map_b, titles[1], size)
+    return _save(figure, path)
+
+
+def histogram(path: str, values: np.ndarray, title: str, span: tuple | None = None, bins: int = 30,
+              marks: dict | None = None) -> str:
+    """A histogram of the finite ``values`` over ``span`` (default: their range); returns ``path``.
+
+    ``marks`` draws labelled vertical lines, e.g. ``{"mean": 0.4}``.
+    """
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    figure = Figure(figsize=(3.6, 2.4))
+    axes = figure.subplots()
+    axes.hist(values, bins=bins, range=span, color="#3b6fd8", edgecolor="white", linewidth=0.4)
+    for index, (label, value) in enumerate((marks or {}).items()):
+        if value is not None and np.isfinite(value):
+            axes.axvline(value, color=("#dc2626", "#16a34a", "#9333ea")[index % 3], linewidth=1,
+                         label=f"{label} {value:.3f}")
+    if marks:
+        axes.legend(fontsize=7, frameon=False)
+    axes.set_title(f"{title} (n={values.size})", fontsize=9)
+    axes.tick_params(labelsize=7)
+    axes.set_ylabel("maps", fontsize=8)
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def density(path: str, x: np.ndarray, y: np.ndarray, title: str, bins: int = 24) -> str:
+    """A 2-D histogram of positions in [0, 1] image coordinates (y down, as in the image)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    figure = Figure(figsize=(3.6, 2.4))
+    axes = figure.subplots()
+    counts, _, _ = np.histogram2d(y[keep], x[keep], bins=bins, range=[[0, 1], [0, 1]])
+    shown = axes.imshow(counts, extent=(0, 1, 1, 0), cmap="Blues", interpolation="nearest")
+    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+    axes.set_title(f"{title} (n={int(keep.sum())})", fontsize=9)
+    axes.set_xlabel("x", fontsize=8)
+    axes.set_ylabel("y", fontsize=8)
+    axes.tick_params(labelsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def cascade(path: str, steps: list[dict], convergence: float | None = None) -> str:
+    """The randomisation cascade: rank correlation against the number of layers randomised (top first)."""
+    figure = Figure(figsize=(4.2, 2.6))
+    axes = figure.subplots()
+    layers = [step.get("layers_randomised") for step in steps]
+    values = [np.nan if step.get("rank_correlation") is None else step["rank_correlation"] for step in steps]
+    axes.plot(layers, values, marker="o", color="#3b6fd8", label="original vs randomised")
+    for layer, value, step in zip(layers, values, steps):
+        axes.annotate(str(step.get("down_to", "")), (layer, value), fontsize=6, color=_GREY,
+                      xytext=(3, 3), textcoords="offset points")
+    if convergence is not None:
+        axes.axhline(convergence, color="#16a34a", linestyle="--", linewidth=1, label="split-half (convergence)")
+    axes.axhline(0, color="#d1d5db", linewidth=0.8)
+    axes.set_ylim(-1.05, 1.05)
+    axes.set_xlabel("layers randomised (from the top)", fontsize=8)
+    axes.set_ylabel("rank correlation", fontsize=8)
+    axes.tick_params(labelsize=7)
+    axes.legend(fontsize=7, frameon=False, loc="lower left")
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    figure.tight_layout()
+    return _save(figure, path)

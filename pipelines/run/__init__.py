@@ -1,0 +1,1 @@
+"""The run command's parts: the config and command line, checks before a run, the baseline choice, the Flex Template."""

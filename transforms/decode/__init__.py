@@ -1,0 +1,1 @@
+"""Decode: ``tf.train.Example`` records to model inputs (``Decode``)."""

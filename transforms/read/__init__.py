@@ -1,0 +1,1 @@
+"""Read: TFRecord files cut into chunks and read as records or error rows (``ReadRecords``)."""

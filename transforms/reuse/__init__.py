@@ -1,0 +1,1 @@
+"""Reuse: the rows of unchanged records carried over from a baseline run (``Baseline``)."""

@@ -1,0 +1,1 @@
+"""Rows: maps to stored rows with their per-map figures (``ToRows``)."""

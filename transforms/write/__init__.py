@@ -1,0 +1,1 @@
+"""Write: the Arrow schema, the Parquet shards and ``_MANIFEST.json`` (``WriteCorpus``)."""
