@@ -624,3 +624,17 @@ def test_numpy_scalars_are_accepted_as_options():
     explainer = SmoothGrad(_conv_model([keras.layers.Conv2D(4, 3)]), samples=np.int64(2), noise=np.int64(1),
                            batch_size=np.int32(1), seed=np.int64(3), jit="graph")
     assert explainer.samples == 2 and explainer.noise == 1.0 and explainer.seed == 3
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_noise_streams_side_by_side_equal_a_loop_over_them_bit_for_bit(monkeypatch, jit):
+    from transforms.engine import noise
+
+    seeds = tf.constant([[key_seed(3, f"img-{index}"), sample] for index in range(3) for sample in (0, 1, 7)],
+                        tf.int64)
+    draw = tf.function(lambda s: noise.standard_normal(s, (5, 4, 3)), jit_compile=jit, autograph=False)
+    side_by_side = draw(seeds).numpy()
+    monkeypatch.setattr(noise, "MAX_UNROLLED_STREAMS", 0)  # the loop over rows (a large step's path)
+    looped = tf.function(lambda s: noise.standard_normal(s, (5, 4, 3)), jit_compile=jit, autograph=False)(seeds)
+    assert side_by_side.shape == (9, 5, 4, 3)
+    np.testing.assert_array_equal(side_by_side, looped.numpy())

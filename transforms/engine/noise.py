@@ -27,6 +27,8 @@ import tensorflow as tf
 
 from transforms.engine.options import bad_option
 
+#: Up to this many noise streams per step, one generator op each; beyond, a loop over them (a smaller graph).
+MAX_UNROLLED_STREAMS = 256
 #: ``absolute``: σ in the model's input units; ``relative``: σ × (max − min) of each image.
 NOISE_MODES = ("absolute", "relative")
 
@@ -89,7 +91,14 @@ def standard_normal(seeds, shape):
         return tf.random.stateless_uniform(bits_shape, seed=seed, minval=None, maxval=None,
                                            dtype=tf.uint32, alg="philox")
 
-    bits = tf.map_fn(one, seeds, fn_output_signature=tf.TensorSpec(bits_shape, tf.uint32))
+    streams = seeds.shape[0]
+    if streams is not None and streams <= MAX_UNROLLED_STREAMS:
+        # One generator op per stream, side by side in the graph: the same bits as a loop over the rows,
+        # without the loop's per-row overhead, and the executor runs the ops in parallel.
+        bits = tf.stack([one(seeds[row]) for row in range(streams)]) if streams else \
+            tf.zeros([0] + bits_shape, tf.uint32)
+    else:
+        bits = tf.map_fn(one, seeds, fn_output_signature=tf.TensorSpec(bits_shape, tf.uint32))
     scale = 1.0 / (1 << 24)
     u1 = (tf.cast(tf.bitwise.right_shift(bits[:, 0], 8), tf.float32) + 0.5) * scale
     u2 = tf.cast(tf.bitwise.right_shift(bits[:, 1], 8), tf.float32) * scale
