@@ -257,6 +257,14 @@ class Config:
                                  "settings fingerprint equals this run's; null = explain every record.", _text)
     progress_seconds: float = _field(10.0, "Seconds between two progress log lines (records done, rate, ETA) "
                                            "while the run goes; 0 = none.", _number(0))
+    audit: bool = _field(True, "Audit the corpus after writing it: class saliency means and per-class samples of "
+                               "pooled maps into the run folder's _audit/, then the checks (shortcut regions "
+                               "confirmed by counterfactuals, strategy clusters, border attention, unconverged maps, "
+                               "confident mistakes, error rate, class accuracy) into _FINDINGS.json.", _as_bool)
+    audit_samples: int = _field(1000, "Maps per class kept for strategy clusters and shortcut members, chosen by "
+                                      "key hash (uniform, deterministic with seed).", _whole(10))
+    counterfactual_samples: int = _field(64, "Images per shortcut candidate (and as many of other classes) re-run "
+                                             "with the region replaced or pasted, to confirm it.", _whole(4))
 
     @classmethod
     def keys(cls) -> list[str]:
