@@ -25,6 +25,9 @@ setup(
         # the audit report: HTML from templates, figures
         "Jinja2>=3.1,<4",
         "matplotlib>=3.9,<4",
+        # the audit: strategy clusters (k-nearest-neighbour graph, k-means) and the graph Laplacian
+        "scikit-learn>=1.5,<2",
+        "scipy>=1.13,<2",
     ],
     extras_require={
         "test": [
@@ -41,6 +44,8 @@ setup(
             # the container test compares the Dockerfile's pins with the requirements above
             "setuptools>=61",
             "packaging>=23",
+            # _FINDINGS.json is checked against its JSON Schema
+            "jsonschema>=4.18,<5",
         ],
         "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
         # benchmarks/peers.py (peer SmoothGrad libraries) and the pipeline benchmark
