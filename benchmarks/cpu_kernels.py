@@ -42,8 +42,8 @@ AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}
 CONFIGURATIONS = {
     "onednn": {"TF_ENABLE_ONEDNN_OPTS": "1"},
     "eigen": {"TF_ENABLE_ONEDNN_OPTS": "0"},
-    "onednn, AVX2 cap": {"TF_ENABLE_ONEDNN_OPTS": "1", **AVX2_CAP},
-    "eigen, AVX2 cap": {"TF_ENABLE_ONEDNN_OPTS": "0", **AVX2_CAP},
+    "onednn-avx2": {"TF_ENABLE_ONEDNN_OPTS": "1", **AVX2_CAP},
+    "eigen-avx2": {"TF_ENABLE_ONEDNN_OPTS": "0", **AVX2_CAP},
 }
 
 
