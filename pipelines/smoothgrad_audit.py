@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
+from pipelines.audit.command import audit_after_run
 from pipelines.run.baseline import Baseline, expected_device, fingerprint
 from pipelines.run.baseline import resolve as resolve_baseline
 from pipelines.run.command_line import parse_command
@@ -133,9 +134,12 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                   | "SanityChecks" >> beam.Map(run_sanity_checks, explain_settings))
     else:
         sanity = pipeline | "NoSanityChecks" >> beam.Create([])
-    return ((records, all_rows, errors, engines_used, sanity, outcomes)
-            | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header, target.maps_per_record,
-                                                  config.num_shards, mask_columns=mask_columns))
+    manifest = ((records, all_rows, errors, engines_used, sanity, outcomes)
+                | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header, target.maps_per_record,
+                                                      config.num_shards, mask_columns=mask_columns))
+    if not config.audit:
+        return manifest
+    return manifest | "Audit" >> beam.Map(audit_after_run, run_dir)  # after the manifest: the corpus is complete
 
 
 def run(argv=None, save_main_session=True, test_pipeline=None, wait=True):
@@ -223,7 +227,8 @@ def _restart_for_kernels(kernels: str) -> None:
 
 
 #: Sub-commands beside the default (running an audit): name → module with ``main(argv) -> int``.
-SUBCOMMANDS = {"report": "pipelines.report.report", "compare": "pipelines.report.compare"}
+SUBCOMMANDS = {"report": "pipelines.report.report", "compare": "pipelines.report.compare",
+               "audit": "pipelines.audit.command"}
 
 
 def main(argv=None, wait=True) -> int:
