@@ -218,3 +218,16 @@ def test_precision_is_recorded_in_the_manifest_and_parquet_metadata(dataset):
     f32 = reference.sort_by("key").column("saliency").combine_chunks().to_numpy_ndarray()
     assert bf16.dtype == np.float32 and not np.array_equal(bf16, f32)
     assert np.corrcoef(bf16.ravel(), f32.ravel())[0, 1] > 0.9
+
+
+def test_worker_processes_compute_with_the_runs_cpu_kernels(dataset, monkeypatch):
+    """The local runner's worker processes inherit the kernel library the run asks for, whatever this process has."""
+    from transforms.engine.device import ENVIRONMENT_VARIABLE, cpu_kernels_in_effect
+
+    here = cpu_kernels_in_effect()
+    other = "eigen" if here == "onednn" else "onednn"
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1" if here == "onednn" else "0")  # restored after the test
+    _, manifest, _, _ = _run(dataset, "other-kernels", "--cpu_kernels", other, "--direct_num_workers", "2",
+                             "--direct_running_mode", "multi_processing")
+    assert manifest["devices_used"] and all(kind.endswith(f"] {other}") for kind in manifest["devices_used"])
+    assert manifest["fingerprint"]["device"].endswith(f"] {other}") and manifest["config"]["cpu_kernels"] == other
