@@ -118,11 +118,16 @@ def write_dataset(folder: Path, records: int, size: int, kind: str, seed: int) -
 
 
 def run_tree(tree: Path, data: Path, output: Path, model: Path, batch: int, run_id: str, log: Path,
-             interval: float) -> dict:
-    """One CLI run with ``tree``'s code; wall time and the peak RSS of its process tree."""
+             interval: float, extra: tuple = ()) -> dict:
+    """One CLI run with ``tree``'s code (and ``extra`` options); wall time and the peak RSS of its process tree."""
     command = [sys.executable, "-m", "pipelines.smoothgrad_audit", "--input", str(data / "part-*.tfrecord"),
                "--output", str(output), "--model", str(model), "--samples", "1", "--noise", "0",
-               "--batch_size", str(batch), "--jit", "auto", "--overwrite", "--run_id", run_id]
+               "--batch_size", str(batch), "--jit", "auto", "--overwrite", "--run_id", run_id, *extra]
+    return run_command(command, tree, log, interval)
+
+
+def run_command(command: list, tree: Path, log: Path, interval: float) -> dict:
+    """Runs ``command`` with ``tree``'s code; wall and CPU time and the peak RSS of its process tree."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     with open(log, "wb") as handle:
         start = time.perf_counter()
