@@ -30,6 +30,7 @@ from pipelines.run.command_line import parse_command
 from pipelines.run.config import Config, ConfigError
 from pipelines.run.plan import DEFAULT_RUNNER, Plan, count_inputs, plan, prepare_run_dir
 from pipelines.run.validate import check_run
+from transforms.audit.aggregates import AuditAggregates, AuditSettings
 from transforms.write import corpus
 from transforms.write import schema as corpus_schema
 from transforms.reuse.baseline import UseBaseline
@@ -78,6 +79,7 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
     parameters.pop("jit_used"), parameters.pop("jit_reason")  # decided per worker
     parameters.update(jit_requested=config.jit, dtype=config.dtype, normalize=str(config.normalize),
                       downsample=config.downsample)
+    audit = AuditSettings.for_maps(planned.map_shape, config.audit_samples, config.seed) if config.audit else None
     header = {
         "run_id": config.run_id, "started_at": started_at, "smoothgrad": parameters,
         "model": {"source": info.source, "weights": info.weights, "sha256": info.sha256,
@@ -88,6 +90,7 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
         "fingerprint": fingerprint(config, info, planned.engine.chunk, device),
         "baseline": {"run_id": baseline.run_id, "path": baseline.path, "device": baseline.device}
         if baseline else None,
+        "audit": audit.manifest_block(config.downsample, planned.image_size) if audit else None,
     }
     mask_columns = bool(config.mask_feature)
     saliency_schema = corpus_schema.saliency_schema(planned.map_shape, config.dtype, mask_columns=mask_columns,
@@ -134,7 +137,10 @@ def build(pipeline: beam.Pipeline, config: Config, planned: Plan, run_dir: str, 
                   | "SanityChecks" >> beam.Map(run_sanity_checks, explain_settings))
     else:
         sanity = pipeline | "NoSanityChecks" >> beam.Create([])
-    manifest = ((records, all_rows, errors, engines_used, sanity, outcomes)
+    written = (records, all_rows, errors, engines_used, sanity, outcomes)
+    if audit is not None:  # class saliency and per-class samples into _audit/, listed in the manifest
+        written += (all_rows | "AuditAggregates" >> AuditAggregates(run_dir, audit),)
+    manifest = (written
                 | "WriteCorpus" >> corpus.WriteCorpus(run_dir, saliency_schema, header, target.maps_per_record,
                                                       config.num_shards, mask_columns=mask_columns))
     if not config.audit:

@@ -43,6 +43,15 @@ ALLOWED = {
     r"^Baseline/GroupByRowGroup/": "row positions grouped by (shard, row group)",
     r"^WriteCorpus/Write(Saliency\w*|Errors)/Write/WriteImpl/(DoOnce|InitializeWrite|Pair|Extract|PreFinalize|"
     r"FinalizeWrite)": "the Parquet sink's file names, one per bundle",
+    r"^AuditAggregates/ClassSaliency/Precombine\[": "(count, sum, sum of squares) per (class, group) and bundle, "
+                                                    "combined in the producing stage",
+    r"^AuditAggregates/ClassSample/(Smallest/)?TopPerKey\(\d+\)/CombinePerKey\(TopCombineFn\)/Precombine\[":
+        "the audit_samples pooled maps with the smallest key hashes, per class and bundle",
+    r"^AuditAggregates/Partial(Saliency|Sample)\w*/": "with a baseline: each branch's per-class partial sums "
+                                                      "and top-n lists, combined in the branch's stage",
+    r"^AuditAggregates/(SaliencyParts|SampleParts)(/|\[)": "the branches' per-class partials, flattened",
+    r"^AuditAggregates/(Write(ClassSaliency|ClassSample)/Write/WriteImpl/(DoOnce|InitializeWrite|Pair|Extract|"
+    r"PreFinalize|FinalizeWrite)|AuditFiles)": "the audit files' names",
 }
 
 
@@ -96,6 +105,15 @@ def test_no_per_record_payload_crosses_a_stage_boundary(tmp_path, extra):
     assert not any(name.startswith(("ReadRecords/ReadChunks/ParDo(_ReadChunk)[records]", "Decode/ParDo"
                                     "(DecodeRecords)[examples]", "ToRows/ParDo(ToRows)[rows]", "SmoothGrad/"))
                    for name in crossing)
+    _assert_audit_maps_cross_only_combined(crossing, ["ClassSaliency/Precombine"])
+
+
+def _assert_audit_maps_cross_only_combined(crossing: dict, precombines: list[str]) -> None:
+    """The audit's pooled maps cross only as per-class partials combined in the producing stage."""
+    for step in precombines:
+        assert any(name.startswith(f"AuditAggregates/{step}") for name in crossing), (step, sorted(crossing))
+    assert not any(name.startswith(("AuditAggregates/PoolMaps", "AuditAggregates/SaliencyKeys",
+                                    "AuditAggregates/SampleKeys")) for name in crossing), sorted(crossing)
 
 
 def test_the_baseline_join_carries_no_record_bytes_or_maps(tmp_path):
@@ -107,3 +125,7 @@ def test_the_baseline_join_carries_no_record_bytes_or_maps(tmp_path):
     assert any(name.startswith("Baseline/JoinByKey/") for name in crossing)  # the join is a boundary ...
     assert not any(name.startswith(("Baseline/ReReadRecords/", "Baseline/CarryOverRows"))  # ... its payloads not
                    and not name.endswith("[errors]") for name in crossing), sorted(crossing)
+    # the audit combines each branch where it is made, then merges the per-class partials
+    _assert_audit_maps_cross_only_combined(crossing, ["PartialSaliency/Precombine", "PartialSaliencyReused/Precombine",
+                                                      "PartialSample/", "PartialSampleReused/", "SampleParts",
+                                                      "ClassSaliency/Precombine", "ClassSample/Smallest/"])

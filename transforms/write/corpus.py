@@ -18,6 +18,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import WriteToParquetBatched
 
+from transforms.audit.pooling import AUDIT_DIR
 from transforms.write import schema as corpus_schema
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class _WriteManifest(beam.DoFn):
         self.header = header
         self.maps_per_record = maps_per_record
 
-    def process(self, _, counts, engines_used, saliency_files, error_files, quality, sanity, outcomes):
+    def process(self, _, counts, engines_used, saliency_files, error_files, quality, sanity, outcomes,
+                audit_files=()):
         manifest = dict(self.header)
         manifest.update(summarise(counts, self.maps_per_record, engines_used))
         record_devices(manifest)
@@ -181,7 +183,9 @@ class _WriteManifest(beam.DoFn):
         manifest["finished_at"] = now_utc()
         manifest["versions"] = versions()
         manifest["outputs"] = {"saliency": sorted(FileSystems.split(path)[1] for path in saliency_files),
-                               "errors": sorted(FileSystems.split(path)[1] for path in error_files)}
+                               "errors": sorted(FileSystems.split(path)[1] for path in error_files),
+                               # the audit's files are one folder down: named relative to the run folder
+                               "audit": sorted(f"{AUDIT_DIR}/{FileSystems.split(path)[1]}" for path in audit_files)}
         final = FileSystems.join(self.run_dir, MANIFEST)
         temporary = FileSystems.join(self.run_dir, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
         with FileSystems.create(temporary) as handle:
@@ -219,12 +223,13 @@ class WriteCorpus(beam.PTransform):
         num_shards: saliency shards (0: runner decides).
         mask_columns: whether rows carry mass_in_mask / pointing_hit (manifest quality means).
 
-    The input is ``(records, rows, errors, engines_used, sanity, outcomes)``: the
+    The input is ``(records, rows, errors, engines_used, sanity, outcomes[, audit_files])``: the
     records read, the saliency rows (explained, or carried over from a baseline
     with ``_reused``), the error rows, the ``(jit mode, device kind)`` of the
     engines that ran (repeats allowed), at most one dict of sanity-check figures for the
-    manifest, and the baseline join's outcome per record (strings; none without
-    a baseline).
+    manifest, the baseline join's outcome per record (strings; none without
+    a baseline), and optionally the paths of the files the audit aggregates
+    wrote under ``_audit/`` (listed as the manifest's ``outputs.audit``).
     """
 
     def __init__(self, run_dir: str, saliency_schema, header: dict, maps_per_record: int, num_shards: int = 0,
@@ -239,7 +244,7 @@ class WriteCorpus(beam.PTransform):
 
     def expand(self, inputs):
         """Adds the write steps; returns the PCollection of the manifest's path."""
-        records, rows, errors, engines_used, sanity, outcomes = inputs
+        records, rows, errors, engines_used, sanity, outcomes, *audit_files = inputs
         # Rows made in different stages (explained; carried over from a baseline) are written by a sink each,
         # in their own stage, so no flatten makes them cross a stage boundary.
         branches = rows if isinstance(rows, dict) else {"": rows}
@@ -298,7 +303,8 @@ class WriteCorpus(beam.PTransform):
                 error_files=beam.pvalue.AsList(error_files),
                 quality=beam.pvalue.AsSingleton(quality),
                 sanity=beam.pvalue.AsSingleton(sanity, default_value=None),
-                outcomes=beam.pvalue.AsList(outcomes | "CountOutcomes" >> beam.combiners.Count.PerElement())))
+                outcomes=beam.pvalue.AsList(outcomes | "CountOutcomes" >> beam.combiners.Count.PerElement()),
+                **({"audit_files": beam.pvalue.AsList(audit_files[0])} if audit_files else {})))
 
 
 class _Tables(beam.PTransform):
