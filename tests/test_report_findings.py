@@ -80,7 +80,7 @@ def audited(tmp_path_factory):
     model = helpers.save_tiny_cnn(str(folder), size=16, classes=3)
     smoothgrad_audit.run(["--input", str(folder / "data" / "*.tfrecord"), "--output", str(folder / "out"),
                           "--model", model, "--run_id", "tiny", "--samples", "4", "--batch_size", "4",
-                          "--sanity_records", "0"])
+                          "--sanity_records", "0", "--target", "topk:2"])  # two classes per record
     run_dir = str(folder / "out" / "run_id=tiny")
     bare = report.build_report(run_dir, out=str(folder / "bare"), top=TOP)  # before the audit's files exist
     run = run_data.open_run(run_dir)
@@ -121,6 +121,10 @@ def test_the_page_opens_with_the_findings_worst_first(audited):
     assert fail < warn < passing
     assert 'data-check="error_rate" data-status="pass"' in findings_html[passing:]
     assert page.counts["findings.fail"] == "1" and page.counts["findings.warn"] == "1"
+    tally = dict(re.findall(r'<tr data-check="(\w+)"><th scope="row">\w+</th>(.*?)</tr>', findings_html, re.S))
+    columns = {name: re.findall(r">(\d+)<", cells) for name, cells in tally.items()}  # fail, warn, pass
+    assert columns["shortcut_region"] == ["1", "0", "0"] and columns["border_attention"] == ["0", "1", "0"]
+    assert columns["error_rate"] == ["0", "0", "1"]
     assert_self_contained(text, page, audited["out"])
 
 
@@ -136,11 +140,10 @@ def test_the_failing_shortcut_shows_its_figures_numbers_and_member_tiles(audited
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # drawn, not blank
     # the members' tiles, in the findings' order, at most --top of them, each the map of the shortcut class
     assert page.tiles["finding-0"] == audited["members"][:TOP]
-    run = audited["run"]
-    keys, targets = list(run.values("key")), run.values("target")
     for src in re.findall(r'src="(img/finding-0-\d+\.png)"', article):
         _png(out, src)
-    assert all(targets[keys.index(key)] == audited["shortcut"] for key in page.tiles["finding-0"])
+    # with two classes per record (topk:2), each tile is the key's map of the shortcut class
+    assert re.findall(r'data-target="(\d+)"', article) == [str(audited["shortcut"])] * TOP
 
 
 def test_other_flagged_checks_show_their_keys_tiles_and_keys_without_a_map(audited):

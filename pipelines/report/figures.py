@@ -53,7 +53,8 @@ def _box(axes, box) -> None:
     from matplotlib.patches import Rectangle
 
     y0, x0, y1, x1 = box
-    axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=REGION, linewidth=1.4))
+    for colour, width in (("#111827", 3.0), (REGION, 1.5)):  # a dark rim keeps the box visible on any image
+        axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=width))
 
 
 def _panel(axes, picture, saliency, title: str, size: tuple, box=None) -> None:
@@ -238,6 +239,9 @@ def counterfactual(path: str, outcome: dict) -> str:
     if not pairs:
         axes.text(0.5, 0.5, "not tested", ha="center", va="center", fontsize=9, color=_GREY,
                   transform=axes.transAxes)
+    heights = [value for _, *pair in pairs for value in pair if value is not None] + [0.0]
+    top = max(heights) + (margin or 0.0)
+    axes.set_ylim(min(0.0, min(heights)) * 1.1, (top or 1.0) * 1.6)  # headroom for the legend above the bars
     axes.set_xticks(range(len(pairs)), [label for label, _, _ in pairs], fontsize=7)
     axes.axhline(0, color="#d1d5db", linewidth=0.8)
     axes.tick_params(labelsize=7)

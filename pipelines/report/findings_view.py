@@ -223,7 +223,7 @@ def findings_section(run: Run, site, top: int, evidence: Evidence) -> dict:
         view["tiles"] = [tiles[name] for name in view.pop("tile_names")]
     return {"audited": True, "status": document.get("status") or findings_file.worst(c["status"] for c in checks),
             "run_id": document.get("run_id"), "counts": {"total": len(checks), **{status: sum(check["status"] == status for check in checks)
-                                                for status in findings_file.STATUSES}}, "tally": [(name, *counts.values()) for name, counts in tally.items()],
+                                                for status in findings_file.STATUSES}}, "tally": [(name, counts["fail"], counts["warn"], counts["pass"]) for name, counts in tally.items()],
             "flagged": views, "listed": flagged[DETAILED:], "passing": passing[:PASSING_SHOWN],
             "passing_more": max(0, len(passing) - PASSING_SHOWN), "evidence_note": evidence.note}
 
