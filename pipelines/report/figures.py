@@ -200,7 +200,7 @@ def audit_maps(path: str, panels: list, cell: int, size: tuple, box=None, width:
     axes_row = np.atleast_1d(figure.subplots(1, len(panels)))
     for axes, (title, values) in zip(axes_row, panels):
         axes.set_axis_off()
-        axes.set_title(title, fontsize=7, color=_GREY, pad=2)
+        axes.set_title(title, fontsize=8, color=_GREY, pad=2)
         if values is None:
             axes.add_patch(_placeholder_patch(width_px, height))
         else:
