@@ -189,6 +189,29 @@ def test_many_classes_draw_the_most_frequent_and_say_how_many_more(audited, tmp_
     assert sorted(os.listdir(tmp_path / "site" / "img")) == [f"class-{target}-maps.png" for target in (0, 2, 4, 5)]
 
 
+def test_flagged_checks_beyond_the_drawn_ones_are_listed_and_damaged_files_are_a_note(audited, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(findings_view, "DETAILED", 1)
+    evidence = findings_view.read_evidence(audited["run_dir"])
+    assert evidence.note is None and evidence.grid(audited["run"]) == (2, (16, 16))
+    section = findings_view.findings_section(audited["run"], report.Site(str(tmp_path / "site")), TOP, evidence)
+    assert [view["check"] for view in section["flagged"]] == ["shortcut_region"]
+    assert [check["check"] for check in section["listed"]] == ["border_attention"]
+    assert not [name for name in os.listdir(tmp_path / "site" / "img") if name.startswith("finding-1")]
+
+    damaged = tmp_path / "run"
+    damaged.mkdir()
+    (damaged / findings.FINDINGS).write_text(json.dumps({"run_id": "x", "checks": [{"check": "error_rate"}]}))
+    document, note = findings_view.read_findings(str(damaged))
+    assert document is None and "not a findings document" in note
+    (damaged / findings.FINDINGS).write_text(json.dumps({"checks": [{"check": "error_rate", "status": "warn"}]}))
+    document, note = findings_view.read_findings(str(damaged))
+    assert note is None and document["checks"][0]["keys"] == [] and document["checks"][0]["class"] is None
+    (damaged / findings.FINDINGS).write_text("{not json")
+    assert "cannot be read" in findings_view.read_findings(str(damaged))[1]
+    assert "no audit evidence" in findings_view.read_evidence(str(damaged)).note
+
+
 def test_a_tile_outlines_the_region_only_when_given_one(tmp_path):
     picture = run_data.Picture(image=np.zeros((16, 16, 3), np.float32))
     green = np.array(Image.new("RGB", (1, 1), figures.REGION).getpixel((0, 0)))

@@ -42,6 +42,8 @@ PASSING_SHOWN = 200
 CLASS_MAPS_SHOWN = 48
 #: Strategy-cluster means drawn beside a class's mean.
 CLUSTERS_SHOWN = 6
+CHECK_DEFAULTS = {"check": "?", "class": None, "region": None, "measure": None, "threshold": None,
+                  "confirmed": None, "keys": [], "keys_total": 0, "summary": ""}
 NOT_AUDITED = ("This run was not audited: it has no {name} (made before the audit existed, or with audit: false). "
                "Nothing below was checked for shortcuts, strategies or label errors.")
 
@@ -108,8 +110,13 @@ def read_findings(run_dir: str) -> tuple[dict | None, str | None]:
         return None, f"{findings_file.FINDINGS} cannot be read: {one_line(error)}"
     if document is None:
         return None, NOT_AUDITED.format(name=findings_file.FINDINGS)
-    if not isinstance(document, dict) or not isinstance(document.get("checks"), list):
-        return None, f"{findings_file.FINDINGS} is not a findings document (an object with checks)."
+    if not isinstance(document, dict) or not isinstance(document.get("checks"), list) \
+            or not all(isinstance(check, dict) and check.get("status") in findings_file.STATUSES
+                       for check in document["checks"]):
+        return None, (f"{findings_file.FINDINGS} is not a findings document (an object with checks, each with a "
+                      "status); the audit writes it again.")
+    # Every field the page shows, even for an entry edited by hand (the schema makes the audit write them all).
+    document["checks"] = [{**CHECK_DEFAULTS, **check} for check in document["checks"]]
     return document, None
 
 
@@ -162,7 +169,8 @@ def _shortcut_evidence(check: dict, index: int, evidence: Evidence, run: Run, si
     panels = [(f"class {target} mean", evidence.mean(target))]
     if len(clusters) > 1:  # one cluster's mean is the class's mean again
         for number, cluster in enumerate(clusters[:CLUSTERS_SHOWN]):
-            panels.append((f"cluster {number} · {cluster.get('share', 0):.0%}", evidence.mean(target, f"cluster_{number}")))
+            panels.append((f"cluster {number} · {cluster.get('share', 0):.0%}",
+                           evidence.mean(target, f"cluster_{number}")))
     cell, size = evidence.grid(run)
     path, shown["maps_src"] = site.image(f"finding-{index}-maps.png")
     figures.audit_maps(path, panels, cell, size, region, width=1.6)
@@ -221,9 +229,10 @@ def findings_section(run: Run, site, top: int, evidence: Evidence) -> dict:
     tiles = _draw_tiles(run, site, wanted) if wanted else {}
     for view in views:
         view["tiles"] = [tiles[name] for name in view.pop("tile_names")]
-    return {"audited": True, "status": document.get("status") or findings_file.worst(c["status"] for c in checks),
-            "run_id": document.get("run_id"), "counts": {"total": len(checks), **{status: sum(check["status"] == status for check in checks)
-                                                for status in findings_file.STATUSES}}, "tally": [(name, counts["fail"], counts["warn"], counts["pass"]) for name, counts in tally.items()],
+    counts = {status: sum(check["status"] == status for check in checks) for status in findings_file.STATUSES}
+    status = document.get("status") or findings_file.worst(status for status, count in counts.items() if count)
+    return {"audited": True, "status": status, "counts": {"total": len(checks), **counts},
+            "tally": [(name, per["fail"], per["warn"], per["pass"]) for name, per in tally.items()],
             "flagged": views, "listed": flagged[DETAILED:], "passing": passing[:PASSING_SHOWN],
             "passing_more": max(0, len(passing) - PASSING_SHOWN), "evidence_note": evidence.note}
 
@@ -264,7 +273,16 @@ def class_maps(run: Run, site, evidence: Evidence, flagged_regions: dict | None 
 
 
 def audit_views(run: Run, site, top: int) -> dict:
-    """Both views' context: ``{"findings": ..., "class_maps": ...}`` (see :func:`findings_section`, :func:`class_maps`)."""
+    """Both views' context (see :func:`findings_section` and :func:`class_maps`).
+
+    Args:
+        run: the run.
+        site: the page's output folder.
+        top: tiles per flagged check.
+
+    Returns:
+        ``{"findings": ..., "class_maps": ...}``.
+    """
     evidence = read_evidence(run.path)
     section = findings_section(run, site, top, evidence)
     regions = {check["class"]: check["region"] for check in section.get("flagged", []) + section.get("listed", [])
