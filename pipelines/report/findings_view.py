@@ -42,8 +42,10 @@ PASSING_SHOWN = 200
 CLASS_MAPS_SHOWN = 48
 #: Strategy-cluster means drawn beside a class's mean.
 CLUSTERS_SHOWN = 6
+#: Every field of a check the page reads: an entry edited by hand may lack some (the audit writes them all).
 CHECK_DEFAULTS = {"check": "?", "class": None, "region": None, "measure": None, "threshold": None,
                   "confirmed": None, "keys": [], "keys_total": 0, "summary": ""}
+#: The Findings section of a run without ``_FINDINGS.json``.
 NOT_AUDITED = ("This run was not audited: it has no {name} (made before the audit existed, or with audit: false). "
                "Nothing below was checked for shortcuts, strategies or label errors.")
 
@@ -63,7 +65,14 @@ class Evidence:
     note: str | None = None
 
     def grid(self, run: Run) -> tuple[int, tuple[int, int]]:
-        """(input pixels per cell, input (H, W)) of the audit maps."""
+        """Where the audit maps lie in the input.
+
+        Args:
+            run: the run, whose input size serves when the evidence has no grid.
+
+        Returns:
+            (input pixels per cell side, input (H, W)).
+        """
         grid = (self.document or {}).get("grid") or {}
         size = tuple(grid.get("input_shape") or input_size(run))[:2]
         cells = grid.get("cells")
@@ -115,7 +124,6 @@ def read_findings(run_dir: str) -> tuple[dict | None, str | None]:
                        for check in document["checks"]):
         return None, (f"{findings_file.FINDINGS} is not a findings document (an object with checks, each with a "
                       "status); the audit writes it again.")
-    # Every field the page shows, even for an entry edited by hand (the schema makes the audit write them all).
     document["checks"] = [{**CHECK_DEFAULTS, **check} for check in document["checks"]]
     return document, None
 
