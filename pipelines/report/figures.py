@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 HEAT = "inferno"
 DPI = 100
 _GREY = "#6b7280"
+#: The outline of a candidate shortcut region: bright green, apart from the heat map's colours and the mask's cyan.
+REGION = "#4ade80"
 
 
 def _save(figure: Figure, path: str) -> str:
@@ -44,8 +46,19 @@ def _heat_rgba(saliency: np.ndarray, opaque: bool) -> np.ndarray:
     return rgba
 
 
-def _panel(axes, picture, saliency, title: str, size: tuple) -> None:
-    """One panel: the image alone (``saliency`` None) or the map over the image."""
+def _box(axes, box) -> None:
+    """Outlines ``box`` (``[y0, x0, y1, x1]``, input pixels, end exclusive) on ``axes``; nothing when None."""
+    if box is None:
+        return
+    from matplotlib.patches import Rectangle
+
+    y0, x0, y1, x1 = box
+    for colour, width in (("#111827", 3.0), (REGION, 1.5)):  # a dark rim keeps the box visible on any image
+        axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=width))
+
+
+def _panel(axes, picture, saliency, title: str, size: tuple, box=None) -> None:
+    """One panel: the image alone (``saliency`` None) or the map over the image; ``box`` outlined on either."""
     height, width = size
     extent = (0, width, height, 0)
     axes.set_axis_off()
@@ -62,6 +75,7 @@ def _panel(axes, picture, saliency, title: str, size: tuple) -> None:
     elif not has_image:
         axes.add_patch(_placeholder_patch(width, height))
         axes.text(width / 2, height / 2, "image\nunavailable", ha="center", va="center", fontsize=8, color=_GREY)
+    _box(axes, box)
     axes.set_xlim(0, width)
     axes.set_ylim(height, 0)
 
@@ -72,7 +86,7 @@ def _placeholder_patch(width: int, height: int):
     return Rectangle((0, 0), width, height, facecolor="#f3f4f6", edgecolor="#d1d5db", hatch="//")
 
 
-def tile(path: str, picture, saliency: np.ndarray, size: tuple) -> str:
+def tile(path: str, picture, saliency: np.ndarray, size: tuple, box=None) -> str:
     """A gallery tile: the image, and the map over the image; returns ``path``.
 
     Args:
@@ -80,12 +94,13 @@ def tile(path: str, picture, saliency: np.ndarray, size: tuple) -> str:
         picture: a :class:`pipelines.report.run_data.Picture` (its image may be missing).
         saliency: the stored map.
         size: (H, W) of the model input, the extent both panels cover.
+        box: a region ``[y0, x0, y1, x1]`` (input pixels, end exclusive) outlined on both panels, or None.
     """
     figure = Figure(figsize=(3.2, 1.7))
     figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.88, wspace=0.06)
     first, second = figure.subplots(1, 2)
-    _panel(first, picture, None, "image", size)
-    _panel(second, picture, saliency, "saliency", size)
+    _panel(first, picture, None, "image", size, box)
+    _panel(second, picture, saliency, "saliency", size, box)
     return _save(figure, path)
 
 
@@ -162,6 +177,79 @@ def cascade(path: str, steps: list[dict], convergence: float | None = None) -> s
     axes.set_ylabel("rank correlation", fontsize=8)
     axes.tick_params(labelsize=7)
     axes.legend(fontsize=7, frameon=False, loc="lower left")
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def audit_maps(path: str, panels: list, cell: int, size: tuple, box=None, width: float = 1.25) -> str:
+    """A row of audit maps (unit-mass, ``[h, w]`` cells), each over the input's extent; returns ``path``.
+
+    Args:
+        path: the PNG file to write.
+        panels: ``[(title, map or None), ...]``; a None map is drawn as an empty, hatched panel.
+        cell: input pixels per cell side (the last row and column of cells may be cut by the input's edge).
+        size: (H, W) of the model input.
+        box: a region ``[y0, x0, y1, x1]`` in input pixels outlined on every panel, or None.
+        width: inches per panel (the figure stays a thumbnail).
+    """
+    height, width_px = size
+    figure = Figure(figsize=(width * len(panels), width * 1.12))
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.84, wspace=0.08)
+    axes_row = np.atleast_1d(figure.subplots(1, len(panels)))
+    for axes, (title, values) in zip(axes_row, panels):
+        axes.set_axis_off()
+        axes.set_title(title, fontsize=8, color=_GREY, pad=2)
+        if values is None:
+            axes.add_patch(_placeholder_patch(width_px, height))
+        else:
+            values = np.asarray(values, np.float64)
+            # Cells cover cell x cell input pixels, so the grid may reach past the input's edge: clipped below.
+            axes.imshow(_heat_rgba(values, opaque=True), interpolation="nearest",
+                        extent=(0, values.shape[1] * cell, values.shape[0] * cell, 0))
+        _box(axes, box)
+        axes.set_xlim(0, width_px)
+        axes.set_ylim(height, 0)
+    return _save(figure, path)
+
+
+def counterfactual(path: str, outcome: dict) -> str:
+    """Bars of a region's counterfactual effects against their random-region controls; returns ``path``.
+
+    Args:
+        path: the PNG file to write.
+        outcome: the evidence's ``counterfactual``: ``drop``, ``drop_control``, ``flip``, ``flip_control``
+            (either pair may be None) and ``margin``, the lead over the control that confirms the region.
+    """
+    pairs = [(label, outcome.get(name), outcome.get(f"{name}_control"))
+             for name, label in (("drop", "probability drop\n(region removed)"),
+                                 ("flip", "share flipped\n(region pasted)"))
+             if outcome.get(name) is not None]
+    margin = outcome.get("margin")
+    figure = Figure(figsize=(3.4, 2.3))
+    axes = figure.subplots()
+    for index, (label, value, control) in enumerate(pairs):
+        axes.bar(index - 0.18, value, width=0.34, color="#dc2626", label="region" if index == 0 else None)
+        axes.bar(index + 0.18, control or 0.0, width=0.34, color="#9ca3af",
+                 label="random region (control)" if index == 0 else None)
+        if margin is not None and control is not None:  # the bar must reach this line to confirm
+            axes.hlines(control + margin, index - 0.36, index + 0.36, colors="#111827", linestyles="--",
+                        linewidth=1, label=f"control + margin {margin:g}" if index == 0 else None)
+    if not pairs:
+        axes.text(0.5, 0.5, "not tested", ha="center", va="center", fontsize=9, color=_GREY,
+                  transform=axes.transAxes)
+    heights = [value for _, *pair in pairs for value in pair if value is not None] + [0.0]
+    top = max(heights) + (margin or 0.0)
+    axes.set_ylim(min(0.0, min(heights)) * 1.1, (top or 1.0) * 1.6)  # headroom for the legend above the bars
+    axes.set_xticks(range(len(pairs)), [label for label, _, _ in pairs], fontsize=7)
+    axes.axhline(0, color="#d1d5db", linewidth=0.8)
+    axes.tick_params(labelsize=7)
+    if pairs:
+        axes.legend(fontsize=6, frameon=False, loc="upper right")
+    confirmed = outcome.get("confirmed")
+    axes.set_title("counterfactuals: " + {True: "confirmed", False: "not confirmed"}.get(confirmed, "inconclusive"),
+                   fontsize=8)
     for side in ("top", "right"):
         axes.spines[side].set_visible(False)
     figure.tight_layout()

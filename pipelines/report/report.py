@@ -1,9 +1,10 @@
 """``smoothgrad-audit report RUN_DIR``: a self-contained HTML audit of one finished run.
 
 The page (``index.html`` and PNGs in ``img/``, opened from disk, no network)
-has five sections: the run summary from the manifest, a table per explained
-class, histograms of the per-map statistics, galleries of the most telling
-maps beside their images, and the errors.
+has six sections: the audit's findings with their evidence
+(:mod:`pipelines.report.findings_view`), the run summary from the manifest, a
+table and the mean maps per explained class, histograms of the per-map
+statistics, galleries of the most telling maps beside their images, and the errors.
 
 Scale: statistics come from the scalar columns only; maps are read only for
 the rows shown, from the row groups that hold them (:mod:`pipelines.report.run_data`).
@@ -28,10 +29,11 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from pipelines.report import figures
+from pipelines.report import figures, findings_view
 from pipelines.report.run_data import (
     Run,
     RunError,
+    caption,
     input_size,
     load_maps,
     load_pictures,
@@ -210,11 +212,6 @@ def _group_mean(group: np.ndarray, size: int, values: np.ndarray) -> list:
     return [float(total / count) if count else None for total, count in zip(sums, counts)]
 
 
-def caption(values: dict) -> dict:
-    """The fields shown under a tile, from one row's scalar values."""
-    return {name: values.get(name) for name in ("key", "label", "predicted", "target", "target_rank", "score")}
-
-
 def run_command(prog: str, parser: argparse.ArgumentParser, build, argv) -> int:
     """Parses ``argv`` and runs ``build(args)``: a user mistake is one stderr line and status 2."""
     try:
@@ -348,7 +345,7 @@ def build_report(run_dir: str, out: str | None = None, top: int = DEFAULT_TOP, s
     Args:
         run_dir: the run folder (local or ``gs://``).
         out: the output folder; default ``RUN_DIR/report``.
-        top: tiles per gallery.
+        top: tiles per gallery (and per flagged finding).
         seed: the seed of the random gallery.
 
     Raises:
@@ -365,6 +362,7 @@ def build_report(run_dir: str, out: str | None = None, top: int = DEFAULT_TOP, s
             "summary": summary(run, site), "classes": class_table(run), "histograms": _histograms(run, site),
             "galleries": _tiles(run, site, choose_galleries(run, top, seed)),
             "errors": errors, "errors_total": errors_total, "errors_more": max(0, errors_total - len(errors)),
+            **findings_view.audit_views(run, site, top),
         }
         return site.finish("report.html.j2", context)
     finally:
@@ -374,12 +372,13 @@ def build_report(run_dir: str, out: str | None = None, top: int = DEFAULT_TOP, s
 def parser() -> argparse.ArgumentParser:
     """The command line of ``smoothgrad-audit report``."""
     command = OneLineParser(prog=PROG, description="Writes a self-contained HTML audit (index.html and PNGs, "
-                            "no network needed) of a finished run: summary, per-class table, histograms of "
-                            "the map statistics, galleries of maps beside their images, errors.")
+                            "no network needed) of a finished run: the audit's findings with their evidence, "
+                            "summary, per-class table and mean maps, histograms of the map statistics, "
+                            "galleries of maps beside their images, errors.")
     command.add_argument("run_dir", metavar="RUN_DIR", help="the run folder, OUTPUT/run_id=<RUN_ID> (local or gs://)")
     command.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/report); local or gs://")
     command.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K",
-                         help=f"tiles per gallery (default {DEFAULT_TOP})")
+                         help=f"tiles per gallery and per flagged finding (default {DEFAULT_TOP})")
     command.add_argument("--seed", type=int, default=0, metavar="S",
                          help="seed of the random gallery (default 0); the same seed shows the same maps")
     return command

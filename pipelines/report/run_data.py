@@ -85,6 +85,11 @@ class Run:
         return self.table.take(pa.array(list(indices), pa.int64())).to_pylist()
 
 
+def caption(values: dict) -> dict:
+    """The fields shown under a tile, from one row's scalar values (:meth:`Run.rows`)."""
+    return {name: values.get(name) for name in ("key", "label", "predicted", "target", "target_rank", "score")}
+
+
 def _open(path: str):
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
