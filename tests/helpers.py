@@ -123,3 +123,43 @@ def ulp_distance(first, second) -> int:
     distance = np.abs(ordered(first) - ordered(second))
     distance[np.isnan(first) & np.isnan(second)] = 0
     return int(distance.max()) if distance.size else 0
+
+
+def files_in_run(run_dir: str) -> list[str]:
+    """Every file under a local run folder, as sorted paths relative to it (the ``_audit/`` files included)."""
+    found = []
+    for folder, _, names in os.walk(run_dir):
+        found += [os.path.relpath(os.path.join(folder, name), run_dir).replace(os.sep, "/") for name in names]
+    return sorted(found)
+
+
+def files_listed(manifest: dict) -> list[str]:
+    """The files a run folder holds: the manifest, every ``outputs`` list, and what the audit writes after them.
+
+    With ``audit: true`` the audit writes ``_FINDINGS.json`` and its evidence (``_audit/evidence.*``), after the
+    manifest (which therefore does not list them).
+    """
+    listed = ["_MANIFEST.json", *(name for names in manifest["outputs"].values() for name in names)]
+    if (manifest.get("config") or {}).get("audit"):
+        listed.append("_FINDINGS.json")
+        if manifest.get("audit"):
+            listed += ["_audit/evidence.json", "_audit/evidence.npz"]
+    return sorted(listed)
+
+
+def assert_same_audit(run_dir: str, other_dir: str) -> None:
+    """Asserts two runs on the same data have the same class saliency (to float64 rounding) and samples."""
+    from transforms.audit.read import read_class_saliency, read_samples
+
+    first, second = read_class_saliency(run_dir), read_class_saliency(other_dir)
+    assert first and [(item.target, item.group, item.count) for item in first] \
+        == [(item.target, item.group, item.count) for item in second]
+    for one, other in zip(first, second):  # sums may be added in another order
+        np.testing.assert_allclose(one.mean, other.mean, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(one.std, other.std, rtol=1e-9, atol=1e-12)
+    samples, other_samples = read_samples(run_dir), read_samples(other_dir)
+    assert sorted(samples) == sorted(other_samples)
+    for target, sample in samples.items():
+        assert [item.key for item in sample] == [item.key for item in other_samples[target]]
+        np.testing.assert_array_equal(np.stack([item.pooled for item in sample]),
+                                      np.stack([item.pooled for item in other_samples[target]]))

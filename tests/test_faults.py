@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from pipelines import smoothgrad_audit
 from tests import helpers
+from transforms.audit.read import read_class_saliency, read_samples
 from transforms.read.records import encode_record
 from transforms.engine.smoothgrad import SmoothGrad
 
@@ -260,8 +261,7 @@ def test_completed_run_refused_then_overwritten_without_old_shards(small, capsys
     assert "already holds a completed run" in line and "--overwrite" in line
     assert smoothgrad_audit.main(_args(small, "--num_shards", "1", "--overwrite", run_id="rerun")) == 0
     manifest = json.loads((run_dir / "_MANIFEST.json").read_text())
-    assert sorted(os.listdir(run_dir)) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
-                                                  *manifest["outputs"]["errors"]])
+    assert helpers.files_in_run(str(run_dir)) == helpers.files_listed(manifest)
     assert manifest["outputs"]["saliency"] == ["saliency-00000-of-00001.parquet"]
 
 
@@ -273,8 +273,7 @@ def test_interrupted_run_is_cleaned_up(small):
     assert smoothgrad_audit.main(_args(small, run_id="interrupted")) == 0  # no manifest: not a completed run
     manifest = json.loads((run_dir / "_MANIFEST.json").read_text())
     assert not (run_dir / "saliency-00000-of-00007.parquet").exists()
-    assert sorted(os.listdir(run_dir)) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
-                                                  *manifest["outputs"]["errors"]])
+    assert helpers.files_in_run(str(run_dir)) == helpers.files_listed(manifest)
 
 
 def test_a_retried_bundle_does_not_duplicate_rows(small, monkeypatch, tmp_path):
@@ -301,3 +300,8 @@ def test_a_retried_bundle_does_not_duplicate_rows(small, monkeypatch, tmp_path):
     keys = saliency.column("key").to_pylist()
     assert sorted(keys) == ["part-0.tfrecord:0", "part-0.tfrecord:1", "part-0.tfrecord:2"]  # once each
     assert errors.num_rows == 0 and manifest["invariant_holds"] and manifest["rows_written"] == 3
+    # the retried bundle's maps count once in the audit's class saliency and sample too
+    class_saliency = read_class_saliency(str(tmp_path / "out" / "run_id=retry"))
+    assert sum(item.count for item in class_saliency if item.group == "all") == 3
+    assert sorted(item.key for sample in read_samples(str(tmp_path / "out" / "run_id=retry")).values()
+                  for item in sample) == sorted(keys)

@@ -67,9 +67,10 @@ def test_a_run_on_gcs_equals_a_local_run(remote):
     manifest, table, names = _corpus(f"{remote['output']}/run_id=on-gcs")
     local_manifest, local_table, _ = _corpus(os.path.join(local_output, "run_id=local"))
     assert manifest["invariant_holds"] and manifest["records_explained"] == 12
-    assert sorted(names) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
-                                    *manifest["outputs"]["errors"]])
+    assert sorted(names) == helpers.files_listed(manifest) and manifest["outputs"]["audit"]
     assert manifest["model"]["sha256"] == local_manifest["model"]["sha256"]  # the same bytes, read from gs://
+    # the audit's files, written to and read back from gs:// like the corpus
+    helpers.assert_same_audit(f"{remote['output']}/run_id=on-gcs", os.path.join(local_output, "run_id=local"))
     assert table.column("key").to_pylist() == local_table.column("key").to_pylist()
     np.testing.assert_array_equal(table.column("saliency").combine_chunks().to_numpy_ndarray(),
                                   local_table.column("saliency").combine_chunks().to_numpy_ndarray())
@@ -87,8 +88,7 @@ def test_overwrite_from_three_shards_to_one_leaves_only_the_new_shards(remote):
     smoothgrad_audit.run(_args(remote, "rerun", "--num_shards", "1", "--overwrite"))
     manifest, table, names = _corpus(run_dir)
     assert [name for name in names if name.startswith("saliency-")] == ["saliency-00000-of-00001.parquet"]
-    assert sorted(names) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
-                                    *manifest["outputs"]["errors"]])
+    assert sorted(names) == helpers.files_listed(manifest) and manifest["outputs"]["audit"]
     assert table.num_rows == 12 and manifest["rows_written"] == 12
 
 
@@ -99,8 +99,7 @@ def test_an_interrupted_run_is_cleaned_up(remote):
             handle.write(b"left over by a run that died")
     smoothgrad_audit.run(_args(remote, "interrupted"))  # no manifest: not a completed run
     manifest, _, names = _corpus(run_dir)
-    assert sorted(names) == sorted(["_MANIFEST.json", *manifest["outputs"]["saliency"],
-                                    *manifest["outputs"]["errors"]])
+    assert sorted(names) == helpers.files_listed(manifest) and manifest["outputs"]["audit"]
 
 
 def test_the_manifest_is_written_after_every_shard(remote):

@@ -101,9 +101,9 @@ def test_corpus_matches_engine_and_manifest(dataset):
     assert manifest["jit_used"] == (["xla"] if tf.config.list_logical_devices("GPU") else ["graph"])
     assert set(manifest["versions"]) >= {"python", "tensorflow", "keras", "apache_beam"}
     assert manifest["outputs"]["errors"] == ["errors-00000-of-00001.parquet"]
-    assert sorted(os.listdir(run_dir)) == sorted(["_MANIFEST.json", "_FINDINGS.json", *manifest["outputs"]["saliency"],
-                                                  *manifest["outputs"]["errors"]]
-                                                 + (["_audit"] if manifest.get("audit") else []))
+    assert manifest["outputs"]["audit"] == ["_audit/class_saliency-00000-of-00001.parquet",
+                                            "_audit/class_sample-00000-of-00001.parquet"]
+    assert helpers.files_in_run(run_dir) == helpers.files_listed(manifest)
     assert pq.read_table(os.path.join(run_dir, "errors-00000-of-00001.parquet")).num_rows == 0
     metadata = json.loads(pq.read_schema(glob.glob(os.path.join(run_dir, "saliency-*"))[0])
                           .metadata[b"smoothgrad_audit"])

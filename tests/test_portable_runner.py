@@ -116,6 +116,8 @@ def test_portable_runner_with_external_workers_equals_the_in_process_runner(serv
     assert set(manifest["files"]) == set(paths)
     assert manifest["records_read"] == manifest["records_explained"] + manifest["errors_total"] == 10
     assert _comparable(manifest) == _comparable(reference_manifest)
+    # the audit's combiners, pickled and run on the external workers, give the same aggregates
+    helpers.assert_same_audit(str(tmp_path / "portable" / "run_id=audit"), str(tmp_path / "in-process" / "run_id=audit"))
 
     # a scheduled run through the same path: the baseline's rows carried over by the key join
     again = _cli([*common, "--output", str(tmp_path / "portable"), "--run_id", "again", "--baseline", "latest",
