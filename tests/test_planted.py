@@ -242,3 +242,37 @@ def test_the_command_line_makes_a_twin_and_rejects_a_bad_place(tmp_path, capsys)
     with pytest.raises(SystemExit) as stopped:
         planted.main(["--out", str(tmp_path / "bad"), "--place", "nowhere"])
     assert stopped.value.code == 2
+
+
+def test_the_benchmark_scores_findings_by_the_findings_contract():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "planted.py")
+    spec = importlib.util.spec_from_file_location("planted_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    truth = {"box": [2, 2, 10, 10], "shortcut_class": 1, "planted_keys": ["a", "b", "c", "d"]}
+
+    def check(status, klass, region, keys, name="shortcut_region"):
+        return {"check": name, "status": status, "class": klass, "region": region, "measure": 0.3,
+                "threshold": 0.1, "confirmed": True, "keys": keys, "keys_total": len(keys), "summary": ""}
+
+    findings = {"run_id": "x", "status": "fail", "checks": [
+        check("pass", 1, [2, 2, 10, 10], ["a"]),                  # a pass is no alert
+        check("warn", 1, [40, 40, 48, 48], ["e"]),                # far from the box
+        check("fail", 1, [0, 0, 8, 8], ["a", "b", "c", "x"]),     # the best: IoU 36 / 92
+        check("warn", 2, [0, 0, 8, 8], ["y"]),                    # another class
+        check("fail", 1, None, ["a"], name="label_noise")]}       # not a region finding
+    scored = benchmark.score_findings(findings, truth)
+
+    assert scored["found"] is True and scored["status"] == "fail" and scored["region"] == [0, 0, 8, 8]
+    assert scored["iou"] == pytest.approx(round(36 / 92, 3))
+    assert (scored["region_in_box"], scored["box_in_region"]) == (round(36 / 64, 3), round(36 / 64, 3))
+    assert (scored["precision"], scored["recall"]) == (0.75, 0.75)
+    assert scored["other_class_alerts"] == 1 and scored["confirmed"] is True
+    assert benchmark.score_findings({"status": "pass", "checks": []}, truth) == \
+        {"run_status": "pass", "found": False, "other_class_alerts": 0}
+    assert benchmark.clean_alarms(findings) == [{"class": 1, "region": [40, 40, 48, 48], "status": "warn"},
+                                                {"class": 1, "region": [0, 0, 8, 8], "status": "fail"},
+                                                {"class": 2, "region": [0, 0, 8, 8], "status": "warn"}]
+    assert "| variant |" in benchmark.table([{"variant": "v", "found": True, "iou": 0.5}])
