@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -219,6 +220,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rerun", action="store_true", help="run the pipeline even when a cached run is up to date")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "planted.json"), help="where to write the rows")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.list:
         for name, options in VARIANTS.items():
             print(f"{name}: {options}")
