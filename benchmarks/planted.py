@@ -19,6 +19,11 @@ and reads the run's ``_FINDINGS.json``. Per variant it reports:
   ``box_in_region`` (share of the box the region covers), the precision and
   recall of its ``keys`` against the records carrying the mark, and
   ``confirmed``;
+* ``box_mass_marked`` / ``box_mass_others``: from the corpus itself, the
+  share of |saliency| inside the box on the records carrying the mark and on
+  the others (``clean_box_mass_marked``: the clean twin's maps of the same
+  records), against ``box_area_share``; a miss with maps that do show the mark
+  is the audit's;
 * ``clean_false_alarms``: the clean twin's ``shortcut_region`` findings at warn
   or fail, of any class (there must be none).
 
@@ -151,6 +156,31 @@ def clean_alarms(findings: dict) -> list[dict]:
             if check.get("check") == "shortcut_region" and check.get("status") in ALERT]
 
 
+def corpus_box_mass(run_dir: Path, truth: dict) -> dict:
+    """From the corpus itself: the mean share of |saliency| inside the planted box, on the records carrying the
+    mark and on the others (the box's area share is chance), and the records explained.
+
+    It tells a miss of the audit from maps that do not show the mark at all.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((run_dir / "_MANIFEST.json").read_text())
+    table = pq.read_table(sorted(str(path) for path in run_dir.glob("saliency-*.parquet")),
+                          columns=["key", "saliency", "height", "width"])
+    y0, x0, y1, x1 = truth["box"]
+    marked = set(truth.get("planted_keys") or truth.get("mark_keys_in_planted") or [])
+    shares = {True: [], False: []}
+    for row in table.to_pylist():
+        saliency = np.abs(np.asarray(row["saliency"], np.float32)).reshape(row["height"], row["width"], -1).sum(-1)
+        shares[row["key"] in marked].append(float(saliency[y0:y1, x0:x1].sum() / max(saliency.sum(), 1e-30)))
+    size = truth["image_size"]
+    return {"explained": f"{manifest['records_explained']}/{manifest['records_read']}",
+            "box_mass_marked": round(float(np.mean(shares[True])), 4) if shares[True] else None,
+            "box_mass_others": round(float(np.mean(shares[False])), 4) if shares[False] else None,
+            "box_area_share": round((y1 - y0) * (x1 - x0) / size ** 2, 4)}
+
+
 def _read_findings(run_dir: Path) -> dict | None:
     path = run_dir / "_FINDINGS.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -174,6 +204,10 @@ def run_variant(name: str, options: dict, args) -> dict:
     audit = not args.no_audit
     runs = {twin: run_pipeline(folder / twin, folder / "runs" / twin, audit, args.rerun) for twin in ("planted", "clean")}
     row["runs"] = {twin: str(path) for twin, path in runs.items()}
+    corpus = corpus_box_mass(runs["planted"], planted)
+    row.update(corpus)
+    # The clean twin's maps on the same records (never marked there): the box should hold about chance.
+    row["clean_box_mass_marked"] = corpus_box_mass(runs["clean"], clean)["box_mass_marked"]
     if not audit:
         return row
     planted_findings, clean_findings = _read_findings(runs["planted"]), _read_findings(runs["clean"])
@@ -199,7 +233,8 @@ def _cell(value) -> str:
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table (the columns that any row has)."""
     columns = ["variant", "box", "test_accuracy", "clean_test_accuracy", "flipped_share", "clean_flipped_share",
-               "reliance", "found", "status", "iou", "region_in_box", "box_in_region", "precision", "recall",
+               "reliance", "explained", "box_area_share", "box_mass_marked", "box_mass_others",
+               "clean_box_mass_marked", "found", "status", "iou", "region_in_box", "box_in_region", "precision", "recall",
                "confirmed", "clean_false_alarms", "passed", "error"]
     columns = [column for column in columns if any(column in row for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
