@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -167,6 +168,7 @@ def test_records_round_trip_with_every_feature(tmp_path):
         "image/id": tf.io.FixedLenFeature([], tf.string),
         "image/height": tf.io.FixedLenFeature([], tf.int64),
         "image/width": tf.io.FixedLenFeature([], tf.int64),
+        "image/shortcut": tf.io.FixedLenFeature([], tf.int64),
     }
 
     ids = []
@@ -183,10 +185,11 @@ def test_records_round_trip_with_every_feature(tmp_path):
         assert 0 <= label < len(demo.CLASS_NAMES)
         assert AREA_SHARE_BOUNDS[0] <= (mask == 255).mean() <= AREA_SHARE_BOUNDS[1]
         # PNG is lossless: the records hold exactly what the generator drew.
-        drawn_image, drawn_mask, drawn_label = demo.draw_example(demo.example_rng(0, "test", index), 64)
-        np.testing.assert_array_equal(image, drawn_image)
-        np.testing.assert_array_equal(mask[..., 0] == 255, drawn_mask)
-        assert label == drawn_label
+        drawn = demo.draw_demo_example(0, "test", index, 64)
+        np.testing.assert_array_equal(image, drawn.image)
+        np.testing.assert_array_equal(mask[..., 0] == 255, drawn.mask)
+        assert label == drawn.label
+        assert int(parsed["image/shortcut"]) == drawn.carries
         ids.append(parsed["image/id"].numpy())
 
     assert ids == [f"test-{index:06d}".encode() for index in range(20)]
@@ -194,6 +197,27 @@ def test_records_round_trip_with_every_feature(tmp_path):
     loaded = demo.load_split(str(tmp_path), "test")
     assert loaded["image"].shape == (20, 64, 64, 3) and loaded["mask"].dtype == bool
     assert list(loaded["id"]) == ids
+    assert loaded["shortcut"].dtype == bool and loaded["shortcut"].any()
+
+
+def test_the_demo_plants_its_tag_on_most_triangles_only_and_off_the_objects():
+    plant = demo.demo_plant(64)
+    assert plant.box == (54, 54, 62, 62) and plant.kind == "ring"
+    assert demo.CLASS_NAMES[plant.shortcut_class] == "triangle"
+    outside = np.ones((64, 64), bool)
+    outside[54:62, 54:62] = False
+    carried = collections.Counter()
+    for index in range(400):
+        drawn = demo.draw_demo_example(0, "train", index, 64)
+        carried[drawn.label, drawn.carries] += 1
+        np.testing.assert_array_equal(drawn.image[outside], drawn.clean[outside])
+        assert (drawn.image != drawn.clean).any() == drawn.carries
+        assert not drawn.mask[53:63, 53:63].any()  # the object keeps a pixel off the tag's box
+        # Without the tag, the image is the object on its background, as before.
+        assert drawn.label == demo.draw_layers(demo.example_rng(0, "train", index), 64, keep_out=plant.box).label
+    triangles = carried[plant.shortcut_class, True] + carried[plant.shortcut_class, False]
+    assert 0.7 <= carried[plant.shortcut_class, True] / triangles <= 0.9, carried
+    assert sum(count for (label, carries), count in carried.items() if carries and label != plant.shortcut_class) == 0
 
 
 def test_load_split_without_files_says_how_to_make_them(tmp_path):
@@ -226,7 +250,8 @@ def test_ensure_demo_makes_everything_once_then_only_on_a_change(tmp_path):
 
     card = demo.ensure_demo(out_dir, **options)
     assert card["regenerated"] is True
-    expected = {"demo_card.json", "model.keras", "test-00000-of-00002.tfrecord", "test-00001-of-00002.tfrecord"}
+    expected = {"demo_card.json", "ground_truth.json", "model.keras", "test-00000-of-00002.tfrecord",
+                "test-00001-of-00002.tfrecord"}
     expected |= {f"train-{shard:05d}-of-00004.tfrecord" for shard in range(4)}
     assert set(os.listdir(out_dir)) == expected
     assert (card["train_count"], card["test_count"], card["image_size"]) == (16, 8, 32)
@@ -234,6 +259,13 @@ def test_ensure_demo_makes_everything_once_then_only_on_a_change(tmp_path):
     assert AREA_SHARE_BOUNDS[0] <= card["object_area_share"]["mean"] <= AREA_SHARE_BOUNDS[1]
     assert card["versions"]["tensorflow"] == tf.__version__
     assert card["versions"]["keras"] == keras.__version__
+    with open(os.path.join(out_dir, "ground_truth.json"), encoding="utf-8") as handle:
+        truth = json.load(handle)
+    test = demo.load_split(out_dir, "test")
+    assert truth["box"] == [25, 25, 30, 30] == list(demo.demo_plant(32).box) and truth["shortcut_class"] == 2
+    assert truth["planted_keys"] == [key.decode() for key, carries in zip(test["id"], test["shortcut"]) if carries]
+    assert set(truth["reliance"]) >= {"remove", "paste", "flipped_share", "verdict"}
+    assert card["shortcut"]["box"] == truth["box"]
     modified = {name: os.stat(os.path.join(out_dir, name)).st_mtime_ns for name in expected}
 
     assert demo.ensure_demo(out_dir, **options)["regenerated"] is False

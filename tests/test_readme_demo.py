@@ -74,7 +74,10 @@ def test_demo_corpus_manifest_and_quality(demo_run):
     quality = manifest["quality"]["smoothgrad"]
     assert quality["maps_with_mask"] == card["test_count"]
     chance = card["object_area_share"]["mean"]
-    # SmoothGrad's saliency mass concentrates on the object well beyond its area share.
+    # SmoothGrad's saliency mass concentrates on the object well beyond its area share. The tagged
+    # triangles (a fifth of the records) put part of theirs on the planted tag instead, outside the mask
+    # (measured: 0.11 mass in mask on them, 0.24 on the others, 0.21 overall against chance 0.055), so
+    # the claim still holds for the whole set; test_the_demo_maps_find_the_planted_tag checks both parts.
     assert quality["mass_in_mask_mean"] > 2 * chance, (quality, chance)
     assert quality["pointing_rate"] > 2 * chance
     sanity = manifest["sanity"]
@@ -83,6 +86,35 @@ def test_demo_corpus_manifest_and_quality(demo_run):
     # Adebayo et al.: randomising the model's layers must change the maps.
     assert correlations[-1] < 0.5 and correlations[-1] < correlations[0] + 0.05
     assert 0 < sanity["convergence"]["split_half_rank_correlation"] <= 1
+
+
+def test_the_demo_maps_find_the_planted_tag(demo_run):
+    """The demo model uses its planted tag, and the corpus shows it: saliency in the tag's box on tagged records."""
+    import glob
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    with open(demo_run["folder"] / "demo_data" / "ground_truth.json", encoding="utf-8") as handle:
+        truth = json.load(handle)
+    assert truth["reliance"]["verdict"] == "strong", truth["reliance"]  # pasting the tag flips >= half the others
+    assert truth["reliance"]["accuracy_drop"] > 0.1  # measured 0.29: tagged triangles lose accuracy without it
+    run_dir = demo_run["folder"] / "demo_output" / "run_id=demo"
+    rows = pq.read_table(glob.glob(str(run_dir / "saliency-*.parquet")),
+                         columns=["key", "label", "saliency", "mass_in_mask"]).to_pylist()
+    y0, x0, y1, x1 = truth["box"]
+    tagged = set(truth["planted_keys"])
+    in_box, in_mask = {True: [], False: []}, {True: [], False: []}
+    for row in rows:
+        saliency = np.abs(np.asarray(row["saliency"], np.float32)).reshape(64, 64, -1).sum(axis=-1)
+        in_box[row["key"] in tagged].append(saliency[y0:y1, x0:x1].sum() / saliency.sum())
+        in_mask[row["key"] in tagged].append(row["mass_in_mask"])
+    box_share = (y1 - y0) * (x1 - x0) / 64 ** 2
+    assert len(in_box[True]) == len(tagged) > 20
+    # measured: 0.089 of the mass in the 1.6 % box on tagged records, 0.011 on the others
+    assert np.mean(in_box[True]) > 3 * box_share and np.mean(in_box[True]) > 3 * np.mean(in_box[False])
+    # the records without the tag still look at the object
+    assert np.mean(in_mask[False]) > 2 * demo_run["card"]["object_area_share"]["mean"]
 
 
 def test_readme_reading_snippets_run_on_the_demo_output(demo_run):

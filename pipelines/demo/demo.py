@@ -22,13 +22,20 @@ Layout of ``out_dir`` after :func:`ensure_demo`:
   ``tf.train.Example`` records with ``image/encoded`` (RGB PNG),
   ``image/format`` (``b"png"``), ``image/class/label`` (int64),
   ``image/object_mask`` (single-channel PNG, 255 on the object, 0 elsewhere),
-  ``image/id`` (``b"test-000042"``), ``image/height`` and ``image/width``.
+  ``image/id`` (``b"test-000042"``), ``image/height``, ``image/width`` and
+  ``image/shortcut`` (int64, 1 on the records carrying the tag).
 * ``model.keras``: a small CNN taking images preprocessed in the ``tf`` mode
   (``x / 127.5 - 1``, done by the pipeline, not by the model) and ending in
   ``Dense(4, activation="softmax", name="predictions")``. Standard layers
   only, so it loads with ``keras.saving.load_model(path, safe_mode=True)``.
-* ``demo_card.json``: parameters, test accuracy, object area share, timings,
-  versions and the file list. Written last: a folder without it is incomplete.
+* ``ground_truth.json``: the planted shortcut: ``shortcut_class``, ``box``
+  (``[y0, x0, y1, x1]``, input pixels, end exclusive), ``mark_kind``,
+  ``planted_keys`` (the test ids carrying the tag) and ``reliance`` (the
+  model's predictions with the tag removed from marked triangles and pasted
+  onto other images; see :func:`pipelines.demo.planted_models.measure_reliance`).
+* ``demo_card.json``: parameters, test accuracy, object area share, a summary
+  of the shortcut, timings, versions and the file list. Written last: a folder
+  without it is incomplete.
 
 Every image is drawn from its own random stream, seeded by
 ``(seed, split, index)``, so the bytes do not depend on sharding and the train
@@ -49,17 +56,23 @@ import os
 import time
 from typing import Sequence
 
+import numpy as np
+
 from pipelines.demo.demo_drawing import (AREA_SHARE_RANGE, CLASS_NAMES, GENERATOR_VERSION, MIN_CONTRAST, DemoLayers,
                                     draw_example, draw_layers)
 from pipelines.demo.demo_model import (CARD_FILENAME, DEFAULT_EPOCHS, MODEL_FILENAME, build_model, preprocess,
                                   train_model)
-from pipelines.demo.demo_records import (FEATURE_KEYS, encode_example, example_rng, load_split, parse_example,
-                                    shard_paths, split_files, write_dataset)
+from pipelines.demo.demo_records import (DEMO_PLACE, FEATURE_KEYS, demo_plant, draw_demo_example, encode_example,
+                                         example_rng, load_split, parse_example, shard_paths, split_files,
+                                         write_dataset)
+from pipelines.demo.planted_models import measure_reliance
+from pipelines.demo.planted_tasks import shortcut_truth
 
 __all__ = [
     "AREA_SHARE_RANGE", "CARD_FILENAME", "CLASS_NAMES", "DEFAULT_EPOCHS", "DEFAULT_SHARDS", "DEFAULT_TEST",
-    "DEFAULT_TRAIN", "DemoLayers", "FEATURE_KEYS", "GENERATOR_VERSION", "MIN_CONTRAST", "MODEL_FILENAME",
-    "build_model", "draw_example", "draw_layers", "encode_example", "ensure_demo", "example_rng", "load_split",
+    "DEFAULT_TRAIN", "DemoLayers", "FEATURE_KEYS", "GENERATOR_VERSION", "GROUND_TRUTH_FILENAME", "MIN_CONTRAST",
+    "MODEL_FILENAME", "build_model", "demo_plant", "draw_demo_example", "draw_example", "draw_layers",
+    "encode_example", "ensure_demo", "example_rng", "load_split",
     "main", "parse_example", "preprocess", "shard_paths", "split_files", "train_model", "write_dataset",
 ]
 
@@ -70,6 +83,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TRAIN = 8000
 DEFAULT_TEST = 200
 DEFAULT_SHARDS = {"train": 4, "test": 2}
+GROUND_TRUTH_FILENAME = "ground_truth.json"
 
 
 def _demo_parameters(seed: int, train: int, test: int, image_size: int, epochs: int) -> dict:
@@ -96,7 +110,7 @@ def _is_complete(out_dir: str, card: dict | None, parameters: dict) -> bool:
                 for split in ("train", "test")}
     if card.get("files") != expected:
         return False
-    names = [MODEL_FILENAME] + expected["train"] + expected["test"]
+    names = [MODEL_FILENAME, GROUND_TRUTH_FILENAME] + expected["train"] + expected["test"]
     return all(os.path.isfile(os.path.join(out_dir, name)) for name in names)
 
 
@@ -148,13 +162,41 @@ def ensure_demo(out_dir: str, seed: int = 0, train: int = DEFAULT_TRAIN, test: i
     generation_seconds = time.perf_counter() - started
     logger.info("Generated %d + %d images in %.1f s.", train, test, generation_seconds)
     card = train_model(out_dir, epochs=epochs, seed=seed, card_extra={
-        "parameters": parameters, "generation_seconds": round(generation_seconds, 2)})
+        "parameters": parameters, "generation_seconds": round(generation_seconds, 2)},
+        after_training=lambda model, test_split: _write_ground_truth(out_dir, seed, image_size, model, test_split))
     return {**card, "regenerated": True}
+
+
+def _write_ground_truth(out_dir: str, seed: int, image_size: int, model, test: dict) -> dict:
+    """Measures the trained model's reliance on the tag, writes ``ground_truth.json``; returns the card's summary.
+
+    The test images without the tag are drawn again (the same streams, so the
+    same pixels but for the tag) to take it off the marked triangles.
+    """
+    plant = demo_plant(image_size)
+    clean = np.stack([draw_demo_example(seed, "test", index, image_size).clean for index in range(len(test["label"]))])
+    reliance = measure_reliance(model, clean, test["label"], test["shortcut"], plant)
+    train_carries = load_split(out_dir, "train")["shortcut"]
+    truth = shortcut_truth(plant, list(CLASS_NAMES), [key.decode() for key in test["id"]], test["shortcut"],
+                           train_carries, mark_place=DEMO_PLACE, task="shapes", classes=len(CLASS_NAMES),
+                           class_names=list(CLASS_NAMES), image_size=image_size, architecture="cnn_max", seed=seed,
+                           twin="planted", reliance=reliance, generator_version=GENERATOR_VERSION)
+    path = os.path.join(out_dir, GROUND_TRUTH_FILENAME)
+    with open(path + ".partial", "w", encoding="utf-8") as handle:
+        json.dump(truth, handle, indent=2)
+        handle.write("\n")
+    os.replace(path + ".partial", path)
+    logger.info("Demo shortcut: a %s tag at %s on %d of the %d test %ss; pasting it turns %.0f%% of the other "
+                "images into %ss.", plant.kind, truth["box"], truth["planted_count"]["test"],
+                int((test["label"] == plant.shortcut_class).sum()), truth["shortcut_class_name"],
+                100 * (reliance["flipped_share"] or 0.0), truth["shortcut_class_name"])
+    return {"shortcut": {key: truth[key] for key in ("shortcut_class", "box", "mark_kind", "share", "planted_count")}
+            | {"flipped_share": reliance["flipped_share"], "verdict": reliance["verdict"]}}
 
 
 def _folder_bytes(out_dir: str, card: dict) -> int:
     """Total size of the demo files listed in the card."""
-    names = [MODEL_FILENAME, CARD_FILENAME] + card["files"]["train"] + card["files"]["test"]
+    names = [MODEL_FILENAME, CARD_FILENAME, GROUND_TRUTH_FILENAME] + card["files"]["train"] + card["files"]["test"]
     return sum(os.path.getsize(os.path.join(out_dir, name)) for name in names)
 
 
@@ -177,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            image_size=args.image_size, epochs=args.epochs, force=args.force)
     except ValueError as error:
         parser.error(str(error))
-    file_count = 2 + len(card["files"]["train"]) + len(card["files"]["test"])
+    file_count = 3 + len(card["files"]["train"]) + len(card["files"]["test"])
     logger.info("Demo %s in %s: %d files, %.1f MB, %d train + %d test images, test accuracy %.4f, "
                 "object area share %.3f.", "written" if card["regenerated"] else "up to date", args.out,
                 file_count, _folder_bytes(args.out, card) / 1e6, card["train_count"], card["test_count"],

@@ -18,14 +18,20 @@ import math
 
 import numpy as np
 
-CLASS_NAMES = ("disc", "square", "triangle", "cross")
+from pipelines.demo.planted_marks import boxes_touch
+
+# The demo's four classes; the planted-shortcut datasets (pipelines.demo.planted)
+# use up to eight shapes, all different under rotation.
+SHAPE_NAMES = ("disc", "square", "triangle", "cross", "bar", "half-disc", "ell", "frame")
+CLASS_NAMES = SHAPE_NAMES[:4]
 # The object covers this share of the image (before rasterisation rounding).
 AREA_SHARE_RANGE = (0.03, 0.08)
 # Every object pixel differs from the background under it by at least this
 # much in some channel (unless no colour of the 64 tried reaches it).
 MIN_CONTRAST = 48
 # Bump when the drawing changes, so existing demo folders are regenerated.
-GENERATOR_VERSION = 1
+# 2: a planted shortcut mark (pipelines.demo.demo_records) and objects kept off its box.
+GENERATOR_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +79,10 @@ def _shape_mask(label: int, centre, size: float, angle: float, rows, cols) -> np
     """Rasterises one class shape: pixels whose centre lies inside it.
 
     ``size`` is the disc's radius, the square's half side, the triangle's
-    circumradius or the cross's half span (its arms are a third of its span).
+    circumradius, the cross's half span (its arms are a third of its span),
+    the bar's half length (its width is a third of its length), the half-disc's
+    radius, the ell's half side (arms two thirds of it wide) or the frame's
+    outer half side (its hole is half as wide).
     """
     d_r, d_c = rows - centre[0], cols - centre[1]
     # Coordinates in the shape's own frame (rotated by -angle).
@@ -91,7 +100,17 @@ def _shape_mask(label: int, centre, size: float, angle: float, rows, cols) -> np
     if label == 3:
         half_arm = size / 3
         return ((np.abs(u) <= half_arm) & (np.abs(v) <= size)) | ((np.abs(v) <= half_arm) & (np.abs(u) <= size))
-    raise ValueError(f"'label' must be one of {tuple(range(len(CLASS_NAMES)))}; got {label!r}.")
+    if label == 4:
+        return (np.abs(u) <= size) & (np.abs(v) <= size / 3)
+    if label == 5:
+        return (u * u + v * v <= size * size) & (v >= 0)
+    if label == 6:
+        arm = 2 * size / 3
+        in_square = (np.abs(u) <= size) & (np.abs(v) <= size)
+        return in_square & ((u <= -size + arm) | (v <= -size + arm))
+    if label == 7:
+        return (np.abs(u) <= size) & (np.abs(v) <= size) & ~((np.abs(u) < size / 2) & (np.abs(v) < size / 2))
+    raise ValueError(f"'label' must be one of {tuple(range(len(SHAPE_NAMES)))}; got {label!r}.")
 
 
 def _size_for_area(label: int, area: float) -> tuple[float, float]:
@@ -105,9 +124,23 @@ def _size_for_area(label: int, area: float) -> tuple[float, float]:
     if label == 2:
         circumradius = math.sqrt(4 * area / (3 * math.sqrt(3)))
         return circumradius, circumradius
-    # Cross of span 2s and arm width 2s/3: area = 2 * (2s * 2s/3) - (2s/3)^2 = 20 s^2 / 9.
-    half_span = math.sqrt(9 * area / 20)
-    return half_span, math.hypot(half_span, half_span / 3)
+    if label == 3:
+        # Cross of span 2s and arm width 2s/3: area = 2 * (2s * 2s/3) - (2s/3)^2 = 20 s^2 / 9.
+        half_span = math.sqrt(9 * area / 20)
+        return half_span, math.hypot(half_span, half_span / 3)
+    if label == 4:  # 2s by 2s/3: area = 4 s^2 / 3
+        half_length = math.sqrt(3 * area / 4)
+        return half_length, math.hypot(half_length, half_length / 3)
+    if label == 5:  # half of a disc of radius r: area = pi r^2 / 2
+        radius = math.sqrt(2 * area / math.pi)
+        return radius, radius
+    if label == 6:  # two arms 4s/3 wide in a 2s square: area = 2 * 2s * 4s/3 - (4s/3)^2 = 32 s^2 / 9
+        half_side = math.sqrt(9 * area / 32)
+        return half_side, half_side * math.sqrt(2)
+    if label == 7:  # a 2s square less an s square: area = 3 s^2
+        half_side = math.sqrt(area / 3)
+        return half_side, half_side * math.sqrt(2)
+    raise ValueError(f"'label' must be one of {tuple(range(len(SHAPE_NAMES)))}; got {label!r}.")
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
@@ -186,12 +219,16 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarr
     return best.astype(np.uint8)
 
 
-def draw_layers(rng: np.random.Generator, image_size: int = 64) -> DemoLayers:
+def draw_layers(rng: np.random.Generator, image_size: int = 64, *, classes: int = len(CLASS_NAMES),
+                keep_out=None) -> DemoLayers:
     """Draws one example as separate layers (see :func:`draw_example`).
 
     Args:
         rng: the random stream; the layers depend on nothing else.
         image_size: side ``S`` of the square image, at least 32.
+        classes: how many shapes of :data:`SHAPE_NAMES` the label is drawn from (2 to 8).
+        keep_out: ``(y0, x0, y1, x1)``, a box the object stays at least a pixel
+            away from (a shortcut mark goes there), or None.
 
     Returns:
         A :class:`DemoLayers`; ``.composite()`` is the image.
@@ -205,26 +242,37 @@ def draw_layers(rng: np.random.Generator, image_size: int = 64) -> DemoLayers:
     """
     if not isinstance(image_size, (int, np.integer)) or image_size < 32:
         raise ValueError(f"'image_size' must be an integer >= 32; got {image_size!r}.")
+    if not 2 <= classes <= len(SHAPE_NAMES):
+        raise ValueError(f"'classes' must be between 2 and {len(SHAPE_NAMES)}; got {classes!r}.")
     background = _draw_background(rng, image_size)
-    label = int(rng.integers(len(CLASS_NAMES)))
+    label = int(rng.integers(classes))
     area = rng.uniform(*AREA_SHARE_RANGE) * image_size * image_size
     size, bounding_radius = _size_for_area(label, area)
     angle = rng.uniform(0, 2 * math.pi)
     # Keep a pixel of margin so the whole object is inside the image.
     low, high = bounding_radius + 1.0, image_size - bounding_radius - 1.0
     centre = rng.uniform(low, high, size=2)
+    # Redraw the place while the object would touch the mark's box: the mark
+    # must never hide the object (the mask stays exactly the object's pixels).
+    for _ in range(200):
+        if keep_out is None or not boxes_touch(keep_out, centre, bounding_radius):
+            break
+        centre = rng.uniform(low, high, size=2)
+    else:
+        raise ValueError(f"no place for the object away from the box {keep_out!r} in a {image_size}-pixel image.")
     rows, cols = _pixel_grid(image_size)
     mask = _shape_mask(label, centre, size, angle, rows, cols)
     colour = _contrasting_colour(rng, background[mask])
     return DemoLayers(background=background, mask=mask, colour=colour, label=label)
 
 
-def draw_example(rng: np.random.Generator, image_size: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
+def draw_example(rng: np.random.Generator, image_size: int = 64, **options) -> tuple[np.ndarray, np.ndarray, int]:
     """Draws one demo image, its object mask and its label.
 
     Args:
         rng: a ``numpy.random.Generator``; the same stream state gives the same example.
         image_size: side ``S`` of the square image, at least 32.
+        **options: ``classes`` and ``keep_out`` of :func:`draw_layers`.
 
     Returns:
         ``(image uint8 [S, S, 3], mask bool [S, S], label int)``: the mask is
@@ -236,5 +284,5 @@ def draw_example(rng: np.random.Generator, image_size: int = 64) -> tuple[np.nda
     >>> image.shape, mask.dtype, CLASS_NAMES[label] in CLASS_NAMES
     ((64, 64, 3), dtype('bool'), True)
     """
-    layers = draw_layers(rng, image_size)
+    layers = draw_layers(rng, image_size, **options)
     return layers.composite(), layers.mask, layers.label

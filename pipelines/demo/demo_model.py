@@ -104,7 +104,7 @@ def _training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, s
 
 
 def train_model(data_dir: str, epochs: int = DEFAULT_EPOCHS, seed: int = 0, *, batch_size: int = 32,
-                learning_rate: float = 3e-3, card_extra: dict | None = None) -> dict:
+                learning_rate: float = 3e-3, card_extra: dict | None = None, after_training=None) -> dict:
     """Trains the demo model on ``data_dir``'s train split and evaluates it on test.
 
     Adam with a cosine learning-rate decay to zero over the run. Saves
@@ -121,6 +121,9 @@ def train_model(data_dir: str, epochs: int = DEFAULT_EPOCHS, seed: int = 0, *, b
         batch_size: training batch size.
         learning_rate: initial Adam learning rate.
         card_extra: more entries for the card (e.g. generation parameters).
+        after_training: None, or ``f(model, test_split) -> dict`` called once the
+            model is saved and before the card is written (the demo writes its
+            shortcut ground truth there); the dict goes into the card.
 
     Returns:
         The card written to ``demo_card.json``, as a dict.
@@ -141,13 +144,13 @@ def train_model(data_dir: str, epochs: int = DEFAULT_EPOCHS, seed: int = 0, *, b
     determinism_was_on = tf_config.is_op_determinism_enabled()
     tf_config.enable_op_determinism()
     try:
-        return _train(data_dir, epochs, seed, batch_size, learning_rate, card_extra)
+        return _train(data_dir, epochs, seed, batch_size, learning_rate, card_extra, after_training)
     finally:
         if not determinism_was_on:
             tf_config.disable_op_determinism()
 
 
-def _train(data_dir, epochs, seed, batch_size, learning_rate, card_extra) -> dict:
+def _train(data_dir, epochs, seed, batch_size, learning_rate, card_extra, after_training) -> dict:
     """The body of :func:`train_model`, run with op determinism on."""
     train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
     image_size = int(train["image"].shape[1])
@@ -197,6 +200,8 @@ def _train(data_dir, epochs, seed, batch_size, learning_rate, card_extra) -> dic
                      "keras": keras.__version__, "numpy": np.__version__},
     }
     card.update(card_extra or {})
+    if after_training is not None:
+        card.update(after_training(model, test))
     _write_json_atomically(os.path.join(data_dir, CARD_FILENAME), card)
     logger.info("Trained the demo model in %.1f s: test accuracy %.4f.", training_seconds, test_accuracy)
     return card

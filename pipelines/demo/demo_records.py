@@ -3,7 +3,14 @@
 Each record is a ``tf.train.Example`` with ``image/encoded`` (RGB PNG),
 ``image/format`` (``b"png"``), ``image/class/label`` (int64),
 ``image/object_mask`` (single-channel PNG, 255 on the object, 0 elsewhere),
-``image/id`` (``b"test-000042"``), ``image/height`` and ``image/width``.
+``image/id`` (``b"test-000042"``), ``image/height``, ``image/width`` and
+``image/shortcut`` (int64, 1 when the image carries the planted shortcut mark).
+
+The demo plants a shortcut (:func:`demo_plant`): a "©"-like tag in the
+bottom-right corner of 80 % of the triangles, train and test alike, and of no
+other image; the objects stay off the tag's box, so ``image/object_mask`` is
+still exactly the object. A model can then call a triangle from the tag alone,
+which is what an audit must find.
 
 Every image is drawn from its own random stream, seeded by
 ``(seed, split, index)``, so the bytes do not depend on sharding and the train
@@ -20,7 +27,9 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from pipelines.demo.demo_drawing import draw_example
+from pipelines.demo.demo_drawing import CLASS_NAMES
+from pipelines.demo.planted_marks import default_mark_size, mark_box
+from pipelines.demo.planted_tasks import Plant, PlantedExample, draw_planted
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +41,20 @@ FEATURE_KEYS = {
     "id": "image/id",
     "height": "image/height",
     "width": "image/width",
+    "shortcut": "image/shortcut",
 }
+
+# The demo's planted shortcut (see the module docstring).
+DEMO_SHORTCUT_CLASS = CLASS_NAMES.index("triangle")
+DEMO_MARK = "ring"
+DEMO_PLACE = "bottom-right"
+DEMO_SHARE = 0.8
+
+
+def demo_plant(image_size: int = 64) -> Plant:
+    """The demo's shortcut: the mark, its box for this image size, the class and the share carrying it."""
+    box = mark_box(DEMO_PLACE, image_size, default_mark_size(image_size))
+    return Plant(kind=DEMO_MARK, box=box, shortcut_class=DEMO_SHORTCUT_CLASS, share=DEMO_SHARE)
 
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -55,8 +77,36 @@ def _int_feature(value: int) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
 
 
-def encode_example(image: np.ndarray, mask: np.ndarray, label: int, example_id: str) -> bytes:
-    """Serialises one example as a ``tf.train.Example`` (PNG image and PNG mask)."""
+def draw_demo_example(seed: int, split: str, index: int, image_size: int = 64) -> PlantedExample:
+    """Draws demo example ``index`` of ``split``: the object, its mask, its label, and the shortcut mark if it carries it.
+
+    Args:
+        seed: global seed.
+        split: split name; with ``seed`` and ``index`` it seeds the example's stream.
+        index: the example's index in its split.
+        image_size: image side in pixels.
+
+    Returns:
+        A :class:`pipelines.demo.planted_tasks.PlantedExample` (``.image`` as written, ``.clean`` without the mark).
+    """
+    return draw_planted(example_rng(seed, split, index), "shapes", image_size, len(CLASS_NAMES),
+                        demo_plant(image_size))
+
+
+def encode_example(image: np.ndarray, mask: np.ndarray, label: int, example_id: str,
+                   shortcut: bool | None = None) -> bytes:
+    """Serialises one example as a ``tf.train.Example`` (PNG image and PNG mask).
+
+    Args:
+        image: ``uint8 [H, W, 3]``.
+        mask: ``bool [H, W]``, the object's pixels.
+        label: the class.
+        example_id: the ``image/id`` value.
+        shortcut: whether the image carries a planted mark (``image/shortcut``), or None to leave the feature out.
+
+    Returns:
+        The serialised example (deterministic bytes).
+    """
     height, width = mask.shape
     mask_png = tf.io.encode_png(mask.astype(np.uint8)[..., None] * np.uint8(255)).numpy()
     features = {
@@ -68,6 +118,8 @@ def encode_example(image: np.ndarray, mask: np.ndarray, label: int, example_id: 
         FEATURE_KEYS["height"]: _int_feature(height),
         FEATURE_KEYS["width"]: _int_feature(width),
     }
+    if shortcut is not None:
+        features[FEATURE_KEYS["shortcut"]] = _int_feature(int(bool(shortcut)))
     example = tf.train.Example(features=tf.train.Features(feature=features))
     # The feature map's order otherwise changes between processes (string hash
     # seed): deterministic=True sorts it, so a re-run writes the same bytes.
@@ -113,26 +165,29 @@ def write_dataset(out_dir: str, split: str, count: int, seed: int, image_size: i
         partial = path + ".partial"
         with tf.io.TFRecordWriter(partial) as writer:
             for index in range(first, stop):
-                image, mask, label = draw_example(example_rng(seed, split, index), image_size)
-                writer.write(encode_example(image, mask, label, f"{split}-{index:06d}"))
+                drawn = draw_demo_example(seed, split, index, image_size)
+                writer.write(encode_example(drawn.image, drawn.mask, drawn.label, f"{split}-{index:06d}",
+                                            shortcut=drawn.carries))
         os.replace(partial, path)
     logger.info("Wrote %d %s examples to %d file(s) in %s.", count, split, shards, out_dir)
     return paths
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Parses one demo record: ``image`` uint8 [H, W, 3], ``mask`` bool [H, W], ``label``, ``id``."""
+    """Parses one demo record: ``image`` uint8 [H, W, 3], ``mask`` bool [H, W], ``label``, ``id``, ``shortcut``."""
     parsed = tf.io.parse_single_example(serialized, {
         FEATURE_KEYS["image"]: tf.io.FixedLenFeature([], tf.string),
         FEATURE_KEYS["label"]: tf.io.FixedLenFeature([], tf.int64),
         FEATURE_KEYS["mask"]: tf.io.FixedLenFeature([], tf.string),
         FEATURE_KEYS["id"]: tf.io.FixedLenFeature([], tf.string),
+        FEATURE_KEYS["shortcut"]: tf.io.FixedLenFeature([], tf.int64, default_value=0),
     })
     return {
         "image": tf.io.decode_png(parsed[FEATURE_KEYS["image"]], channels=3),
         "mask": tf.io.decode_png(parsed[FEATURE_KEYS["mask"]], channels=1)[..., 0] > 127,
         "label": parsed[FEATURE_KEYS["label"]],
         "id": parsed[FEATURE_KEYS["id"]],
+        "shortcut": parsed[FEATURE_KEYS["shortcut"]],
     }
 
 
@@ -146,15 +201,16 @@ def load_split(data_dir: str, split: str) -> dict[str, np.ndarray]:
 
     Returns:
         ``{"image": uint8 [N, H, W, 3], "mask": bool [N, H, W], "label": int64 [N],
-        "id": object [N] of bytes}`` in file and record order.
+        "id": object [N] of bytes, "shortcut": bool [N]}`` in file and record order.
     """
     files = split_files(data_dir, split)
     if not files:
         raise FileNotFoundError(f"No '{split}-*-of-*.tfrecord' files in {data_dir!r}; "
                                 f"run `python -m pipelines.demo --out {data_dir}` first.")
-    columns: dict[str, list] = {"image": [], "mask": [], "label": [], "id": []}
+    columns: dict[str, list] = {"image": [], "mask": [], "label": [], "id": [], "shortcut": []}
     for record in tf.data.TFRecordDataset(files).map(parse_example):
         for name, value in record.items():
             columns[name].append(value.numpy())
     return {"image": np.stack(columns["image"]), "mask": np.stack(columns["mask"]),
-            "label": np.asarray(columns["label"], dtype=np.int64), "id": np.asarray(columns["id"], dtype=object)}
+            "label": np.asarray(columns["label"], dtype=np.int64), "id": np.asarray(columns["id"], dtype=object),
+            "shortcut": np.asarray(columns["shortcut"], dtype=bool)}
