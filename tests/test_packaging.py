@@ -105,7 +105,8 @@ def test_the_wheel_holds_every_package_file_and_the_console_script(built):
     assert not missing, missing
     assert not {name for name in names if name.split("/")[0] not in (*PACKAGES,) and ".dist-info/" not in name}
     packages = _source_packages()
-    assert {"pipelines/run", "pipelines/report", "pipelines/demo", "transforms/engine", "transforms/smoothgrad"} <= packages
+    assert {"pipelines/run", "pipelines/report", "pipelines/demo", "pipelines/audit", "transforms/engine",
+            "transforms/audit"} <= packages
     in_wheel = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
     assert in_wheel == packages, in_wheel ^ packages
     templates = {name for name in names if name.endswith(".j2")}
