@@ -117,6 +117,22 @@ def test_the_demo_maps_find_the_planted_tag(demo_run):
     assert np.mean(in_mask[False]) > 2 * demo_run["card"]["object_area_share"]["mean"]
 
 
+def test_the_demo_audit_finds_the_planted_tag_and_nothing_else(demo_run):
+    run_dir = demo_run["folder"] / "demo_output" / "run_id=demo"
+    with open(run_dir / "_FINDINGS.json") as handle:
+        document = json.load(handle)
+    with open(demo_run["folder"] / "demo_data" / "ground_truth.json") as handle:
+        truth = json.load(handle)
+    [finding] = [check for check in document["checks"] if check["status"] != "pass"]
+    assert document["status"] == "fail" and finding["check"] == "shortcut_region" and finding["status"] == "fail"
+    assert finding["class"] == truth["shortcut_class"] and finding["confirmed"] is True
+    y0, x0, y1, x1 = finding["region"]
+    by0, bx0, by1, bx1 = truth["box"]
+    assert max(0, min(y1, by1) - max(y0, by0)) * max(0, min(x1, bx1) - max(x0, bx0)) >= 0.5 * (by1 - by0) * (bx1 - bx0)
+    members, tagged = set(finding["keys"]), set(truth["planted_keys"])
+    assert len(members & tagged) >= 0.8 * len(members)
+
+
 def test_readme_reading_snippets_run_on_the_demo_output(demo_run):
     snippets = re.findall(r"```python\n(.*?)```", _section(_read(os.path.join("docs", "output.md")), "Reading the corpus"),
                           re.S)
@@ -225,7 +241,18 @@ def test_the_demo_report_opens_in_a_real_browser_with_every_section_filled(demo_
                                                                   table.column("predicted").to_pylist()))
     broken = [src for src, loaded, width in seen["images"] if not loaded or width == 0]
     assert not broken, broken
-    assert len(seen["images"]) == 5 + 2 + 1 + 4 * 12 + min(12, mistakes)
+    # ... and the findings: the planted tag's check with its mean-map figure, its counterfactual chart and a tile
+    # per member (at most 12), then one mean-map thumbnail per class
+    with open(os.path.join(run_dir, "_FINDINGS.json")) as handle:
+        [finding] = [check for check in json.load(handle)["checks"] if check["status"] != "pass"]
+    classes = int(demo_run["manifest"]["model"]["classes"])
+    assert len(seen["images"]) == 5 + 2 + 1 + 4 * 12 + min(12, mistakes) + 2 + min(12, finding["keys_total"]) + classes
+    # the page opens with the findings, the planted tag's first, as the README's screenshot shows
+    text = seen["text"]
+    assert text.index("Findings") < text.index("shortcut_region") < text.index("Run summary")
+    assert f"class {finding['class']}" in text[:text.index("Run summary")]
+    assert "docs/report-findings.png" in _read("README.md") and os.path.getsize(
+        os.path.join(REPO, "docs", "report-findings.png")) > 10_000
     # the counts shown are the manifest's
     manifest = demo_run["manifest"]
     for name in ("records_read", "records_explained", "rows_written", "errors_total"):
