@@ -62,23 +62,26 @@ RUN_ID = "planted"
 ALERT = ("warn", "fail")
 
 # Varied on purpose: both tasks, every mark kind, corners and free places,
-# different shortcut classes and class counts, every architecture family.
+# different shortcut classes and class counts, every architecture family. The
+# global-average-pooling families (strided_gap, residual) go on the gratings:
+# with the default budget they did not learn the shapes (a strided_gap clean
+# twin stayed at chance, 0.24), so a miss there would say nothing of the audit.
 VARIANTS = {
     "shapes-patch-tl-cnn_max": dict(task="shapes", mark="patch", place="top-left", shortcut_class=0,
                                     architecture="cnn_max"),
-    "shapes-ring-br-strided_gap": dict(task="shapes", mark="ring", place="bottom-right", shortcut_class=2,
-                                       architecture="strided_gap"),
+    "gratings-ring-br-strided_gap": dict(task="gratings", mark="ring", place="bottom-right", shortcut_class=2,
+                                         architecture="strided_gap"),
     "gratings-barcode-tr-residual": dict(task="gratings", mark="barcode", place="top-right", shortcut_class=1,
                                          architecture="residual"),
     "gratings-glyph-bl-flatten_dense": dict(task="gratings", mark="glyph", place="bottom-left", shortcut_class=3,
                                             architecture="flatten_dense"),
-    "shapes6-glyph-free-residual": dict(task="shapes", classes=6, mark="glyph", place=(20, 40), shortcut_class=4,
-                                        architecture="residual"),
+    "shapes-glyph-free-cnn_max": dict(task="shapes", mark="glyph", place=(20, 40), shortcut_class=3,
+                                      architecture="cnn_max"),
     "gratings3-ring-free-cnn_max": dict(task="gratings", classes=3, mark="ring", place=(40, 6), shortcut_class=0,
                                         architecture="cnn_max"),
-    "shapes48-barcode-tr-strided_gap-noisy": dict(task="shapes", image_size=48, mark="barcode", place="top-right",
-                                                  shortcut_class=1, share=0.6, other_share=0.05,
-                                                  architecture="strided_gap"),
+    "gratings48-barcode-tr-strided_gap-noisy": dict(task="gratings", image_size=48, mark="barcode",
+                                                    place="top-right", shortcut_class=1, share=0.6,
+                                                    other_share=0.05, architecture="strided_gap"),
 }
 
 

@@ -163,11 +163,12 @@ def ensure_demo(out_dir: str, seed: int = 0, train: int = DEFAULT_TRAIN, test: i
     logger.info("Generated %d + %d images in %.1f s.", train, test, generation_seconds)
     card = train_model(out_dir, epochs=epochs, seed=seed, card_extra={
         "parameters": parameters, "generation_seconds": round(generation_seconds, 2)},
-        after_training=lambda model, test_split: _write_ground_truth(out_dir, seed, image_size, model, test_split))
+        after_training=lambda model, train_split, test_split: _write_ground_truth(seed, out_dir, image_size, model,
+                                                                                  train_split, test_split))
     return {**card, "regenerated": True}
 
 
-def _write_ground_truth(out_dir: str, seed: int, image_size: int, model, test: dict) -> dict:
+def _write_ground_truth(seed: int, out_dir: str, image_size: int, model, train: dict, test: dict) -> dict:
     """Measures the trained model's reliance on the tag, writes ``ground_truth.json``; returns the card's summary.
 
     The test images without the tag are drawn again (the same streams, so the
@@ -176,9 +177,8 @@ def _write_ground_truth(out_dir: str, seed: int, image_size: int, model, test: d
     plant = demo_plant(image_size)
     clean = np.stack([draw_demo_example(seed, "test", index, image_size).clean for index in range(len(test["label"]))])
     reliance = measure_reliance(model, clean, test["label"], test["shortcut"], plant)
-    train_carries = load_split(out_dir, "train")["shortcut"]
     truth = shortcut_truth(plant, list(CLASS_NAMES), [key.decode() for key in test["id"]], test["shortcut"],
-                           train_carries, mark_place=DEMO_PLACE, task="shapes", classes=len(CLASS_NAMES),
+                           train["shortcut"], mark_place=DEMO_PLACE, task="shapes", classes=len(CLASS_NAMES),
                            class_names=list(CLASS_NAMES), image_size=image_size, architecture="cnn_max", seed=seed,
                            twin="planted", reliance=reliance, generator_version=GENERATOR_VERSION)
     path = os.path.join(out_dir, GROUND_TRUTH_FILENAME)

@@ -121,7 +121,7 @@ def train_model(data_dir: str, epochs: int = DEFAULT_EPOCHS, seed: int = 0, *, b
         batch_size: training batch size.
         learning_rate: initial Adam learning rate.
         card_extra: more entries for the card (e.g. generation parameters).
-        after_training: None, or ``f(model, test_split) -> dict`` called once the
+        after_training: None, or ``f(model, train_split, test_split) -> dict`` called once the
             model is saved and before the card is written (the demo writes its
             shortcut ground truth there); the dict goes into the card.
 
@@ -201,7 +201,7 @@ def _train(data_dir, epochs, seed, batch_size, learning_rate, card_extra, after_
     }
     card.update(card_extra or {})
     if after_training is not None:
-        card.update(after_training(model, test))
+        card.update(after_training(model, train, test))
     _write_json_atomically(os.path.join(data_dir, CARD_FILENAME), card)
     logger.info("Trained the demo model in %.1f s: test accuracy %.4f.", training_seconds, test_accuracy)
     return card

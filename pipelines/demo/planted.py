@@ -45,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.demo.demo_records import encode_example, example_rng, shard_paths
+from pipelines.demo.demo_records import encode_example, example_rng, shard_paths, split_files
 from pipelines.demo.planted_marks import MARK_KINDS, PLACES, default_mark_size, mark_box, parse_place
 from pipelines.demo.planted_models import (ARCHITECTURES, measure_reliance, predict_probabilities,
                                            train_planted_model)
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 GROUND_TRUTH_FILENAME = "ground_truth.json"
 MODEL_FILENAME = "model.keras"
 TWINS = ("planted", "clean")
+# Below this accuracy on unmarked test images the ground truth says the model did not learn the task.
+LOW_ACCURACY = 0.8
 # Bump when the drawing, the marks or the training change, so cached folders are rebuilt.
 VERSION = 1
 
@@ -170,6 +172,9 @@ def write_split(out_dir: str, split: str, data: dict, twin: str, shards: int = 1
     import tensorflow as tf
 
     os.makedirs(out_dir, exist_ok=True)
+    # A pattern such as test-*.tfrecord must never mix two generations.
+    for stale in split_files(out_dir, split):
+        os.remove(stale)
     images = data["image"] if twin == "planted" else data["clean"]
     count = len(data["label"])
     paths = shard_paths(out_dir, split, shards)
@@ -225,10 +230,16 @@ def _make_twin(spec: PlantedSpec, folder: str, twin: str, train: dict, test: dic
     if twin == "clean":
         # The twin's reliance is measured on the images that carry the mark in the planted set.
         more["mark_keys_in_planted"] = [key for key, flag in zip(test["id"], test["carries"]) if flag]
+    notes = []
     if twin == "planted" and not reliance["relies_on_mark"]:
-        more["note"] = (f"this model does not rely strongly on the mark: pasting it turns only "
-                        f"{reliance['flipped_share']} of the other classes' test images into the shortcut class "
-                        f"(verdict {reliance['verdict']}).")
+        notes.append(f"this model does not rely strongly on the mark: pasting it turns only "
+                     f"{reliance['flipped_share']} of the other classes' test images into the shortcut class "
+                     f"(verdict {reliance['verdict']}).")
+    if clean_accuracy < LOW_ACCURACY:
+        notes.append(f"this model did not learn the task well: test accuracy {clean_accuracy:.3f} on the images "
+                     f"without marks (chance {1 / spec.classes:.3f}).")
+    if notes:
+        more["note"] = " ".join(notes)
         logger.warning("%s: %s", folder, more["note"])
     truth = shortcut_truth(plant, more["class_names"], test["id"], carries["test"], carries["train"], **more)
     with open(truth_path + ".partial", "w", encoding="utf-8") as handle:

@@ -6,7 +6,10 @@ done by the pipeline, not by the model), ends in
 layers only, so it loads with ``keras.saving.load_model(path, safe_mode=True)``.
 Different families on purpose: an audit tuned on one kind of saliency map
 (e.g. the sparse maps of global max pooling) must not be tested on that kind
-alone.
+alone. Measured with the defaults of :class:`pipelines.demo.planted.PlantedSpec`
+(6000 images, 8 epochs): ``cnn_max`` learns both tasks; the global-average-
+pooling families (``strided_gap``) learnt the gratings but stayed at chance on
+the shapes, whose small objects global max pooling finds better.
 
 :func:`measure_reliance` tells whether a trained model really uses the mark:
 it removes the mark from the shortcut class's marked images and pastes it onto
