@@ -108,6 +108,7 @@ def test_the_manifest_is_written_after_every_shard(remote):
     updated = {metadata.path.rsplit("/", 1)[1]: metadata.last_updated_in_seconds
                for metadata in FileSystems.match([f"{run_dir}/*"])[0].metadata_list}
     manifest_time = updated.pop("_MANIFEST.json")
+    assert updated.pop("_FINDINGS.json") >= manifest_time  # the audit comes after the complete corpus
     assert len(updated) == 3 and all(manifest_time >= shard_time for shard_time in updated.values())
 
 
