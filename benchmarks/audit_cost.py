@@ -48,7 +48,7 @@ def demo_part(workdir: Path, repeats: int, interval: float) -> list[dict]:
         run_id = f"audit-{audit}-{repeat}"
         command = [sys.executable, "-m", "pipelines.smoothgrad_audit", "--config", "configs/demo.yaml",
                    "--output", str(workdir / "demo-out"), "--run_id", run_id, "--sanity_records", "0",
-                   "--progress_seconds", "0", "--audit", audit]
+                   "--progress_seconds", "0", f"--audit={audit}"]
         measured = run_command(command, REPO, workdir / f"log-demo-{run_id}.txt", interval)
         runs.append({"part": "demo", "audit": audit, "repeat": repeat, **measured})
         print(f"demo audit={audit:5s}: {measured['wall_s']:6.1f} s wall, {measured['cpu_s']:6.1f} s CPU, peak RSS "
@@ -66,7 +66,7 @@ def memory_part(workdir: Path, counts: list[int], repeats: int, interval: float)
         for repeat, audit in _alternating(repeats):
             run_id = f"{records}-{audit}-{repeat}"
             measured = run_tree(REPO, data, workdir / "out", model, 64, run_id, workdir / f"log-{run_id}.txt",
-                                interval, extra=("--audit", audit))
+                                interval, extra=(f"--audit={audit}",))
             shutil.rmtree(workdir / "out" / f"run_id={run_id}", ignore_errors=True)
             runs.append({"part": "memory", "records": records, "audit": audit, "repeat": repeat, **measured})
             print(f"png64 R={records:>6,} audit={audit:5s}: {measured['wall_s']:6.1f} s wall, "
