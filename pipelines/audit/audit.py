@@ -28,7 +28,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.audit import findings
-from pipelines.audit.checks import DEFAULT_RULES, corpus_checks
+from pipelines.audit import rules as audit_rules
+from pipelines.audit.checks import corpus_checks
 from pipelines.audit.clusters import strategy_clusters
 from pipelines.audit.counterfactual import Probabilities, confirm, read_images
 from pipelines.audit.findings import Check
@@ -87,12 +88,13 @@ def _region_check(target: int, candidate, grid, samples: dict, class_count: int,
     region = grid.box_in_pixels(*candidate.cells)
     members = [class_samples[index] for index in candidate.members]
     keys_total = int(round(candidate.member_share * class_count))
-    measure, threshold = candidate.member_share, rules["shortcut_member_share"]
+    measure, threshold = candidate.member_share, audit_rules.threshold(rules, "shortcut_region")
+    margin = rules["shortcut_region"]["margin"]
     evidence = {"class": target, "region": region, "cells": list(candidate.cells), "source": candidate.source,
                 "excess": candidate.excess, "member_share": measure, "member_threshold": candidate.threshold,
                 "members_in_sample": len(members), "sample_size": len(class_samples), "counterfactual": None}
     where = f"region [y0, x0, y1, x1] = {region} (input pixels)"
-    if measure < threshold:
+    if threshold is None or measure < threshold:
         return Check("shortcut_region", "pass", target=target, region=region, measure=measure, threshold=threshold,
                      keys=[member.key for member in members], keys_total=keys_total,
                      summary=(f"Class {target}: no region carries its saliency beyond other classes' maps "
@@ -106,13 +108,13 @@ def _region_check(target: int, candidate, grid, samples: dict, class_count: int,
     other_images = np.array([images[sample.key] for sample in others if sample.key in images], np.float32)
     if len(member_images):
         outcome = confirm(target, region, member_images, other_images.reshape((-1,) + member_images.shape[1:]),
-                          model.probabilities, seed=seed, margin=rules["counterfactual_margin"])
+                          model.probabilities, seed=seed, margin=margin)
     else:
         outcome = None
     evidence["counterfactual"] = None if outcome is None else {
         "drop": outcome.drop, "drop_control": outcome.drop_control, "flip": outcome.flip,
         "flip_control": outcome.flip_control, "members_tested": outcome.members_tested,
-        "others_tested": outcome.others_tested, "margin": rules["counterfactual_margin"],
+        "others_tested": outcome.others_tested, "margin": margin,
         "confirmed": outcome.confirmed}
     share = f"{measure:.0%} of class {target}'s maps (about {keys_total} records) put their saliency on {where}"
     if outcome is None or outcome.confirmed is None:
@@ -127,10 +129,11 @@ def _region_check(target: int, candidate, grid, samples: dict, class_count: int,
         summary = (f"Shortcut: {share}, which other classes' maps ignore; {figures}. Find what the images carry "
                    "there (a tag, watermark, ruler, border), then remove or randomise it in the training data, or "
                    "mask it, and retrain.")
-        status = "fail"
+        fail_from = rules["shortcut_region"]["fail"]
+        status = "fail" if fail_from is not None and measure >= fail_from else "warn"
     else:
         summary = (f"{share}, but the model does not depend on it: {figures}, within "
-                   f"{rules['counterfactual_margin']} of the controls. Likely the object's usual place; no action.")
+                   f"{margin} of the controls. Likely the object's usual place; no action.")
         status = "pass"
     return Check("shortcut_region", status, target=target, region=region, measure=measure, threshold=threshold,
                  confirmed=outcome.confirmed, keys=[member.key for member in members], keys_total=keys_total,
@@ -208,7 +211,8 @@ def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool =
 
     Args:
         run_dir: ``OUTPUT/run_id=<RUN_ID>``, local or ``gs://``.
-        rules: thresholds overriding :data:`pipelines.audit.checks.DEFAULT_RULES`.
+        rules: the audit rules as a mapping of overrides (:func:`pipelines.audit.rules.parse`); None: the
+            run's own ``audit_rules``.
         model: the run's Keras model when the caller has it loaded (else loaded from the manifest when needed).
         write: write ``_FINDINGS.json`` and the evidence into the run folder.
 
@@ -219,7 +223,7 @@ def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool =
     from transforms.audit.pooling import AUDIT_DIR
 
     run = open_run(run_dir)
-    rules = {**DEFAULT_RULES, **(rules or {})}
+    rules = audit_rules.parse((run.manifest.get("config") or {}).get("audit_rules") if rules is None else rules)
     checks = corpus_checks(run, rules)
     evidence, arrays = {}, {}
     if run.manifest.get("audit"):
@@ -230,7 +234,7 @@ def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool =
         checks.append(Check("shortcut_region", "pass", summary=(
             "Not measured: the run was made with audit: false." if made_without else
             "Not measured: the run has no _audit/ aggregates (made by a version without them).")))
-    document = findings.findings(run.run_id, checks)
+    document = findings.findings(run.run_id, audit_rules.apply(rules, checks))
     if write:
         if evidence:
             evidence["rules"] = rules

@@ -2,7 +2,7 @@
 confident mistakes and the error rate.
 
 Each takes the run (:class:`pipelines.report.run_data.Run`: its manifest and
-scalar columns, no map) and the rules (:data:`DEFAULT_RULES`), and returns
+scalar columns, no map) and the rules (:func:`pipelines.audit.rules.parse`), and returns
 :class:`pipelines.audit.findings.Check` entries: one per class for per-class
 checks, one per run otherwise, passing or not.
 """
@@ -12,27 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.audit.findings import MAX_KEYS, Check
+from pipelines.audit.rules import status as rule_status
+from pipelines.audit.rules import threshold as rule_threshold
 from transforms.engine.statistics import BORDER_SHARE
-
-#: Thresholds of every check; a run's ``audit_rules`` (or a rules file) may override them.
-DEFAULT_RULES = {
-    # shortcut_region: share of a class's maps that are members of its candidate region (then confirmed or not)
-    "shortcut_member_share": 0.2,
-    "counterfactual_margin": 0.2,
-    # border_attention: a class's mean border mass against the frame's share of the area
-    "border_ratio_warn": 1.5,
-    # unconverged_maps: share of maps whose estimated agreement with their converged map is below the target
-    "unconverged_share_warn": 0.25,
-    "unconverged_share_fail": 0.5,
-    # confident_mistakes: share of labelled records mispredicted with at least the median score of correct ones
-    "confident_mistakes_warn": 0.05,
-    # error_rate: records that ended as error rows
-    "error_rate_warn": 0.01,
-    "error_rate_fail": 0.05,
-    # class_accuracy: a class this far below the overall accuracy
-    "class_accuracy_gap_warn": 0.2,
-}
-
 
 def frame_share() -> float:
     """The share of an image's area in the border frame that ``border_mass`` measures."""
@@ -53,15 +35,17 @@ def class_accuracy(run, rules: dict) -> list[Check]:
     if not labelled.any():
         return [Check("class_accuracy", "pass", "Not measured: the records carry no label.")]
     overall = float(np.mean(predicted[labelled] == labels[labelled]))
-    threshold = overall - rules["class_accuracy_gap_warn"]
+    gap = rule_threshold(rules, "class_accuracy")
+    threshold = overall - gap if gap is not None else None
     checks = []
     for label in np.unique(labels[labelled]).astype(int):
         of_class = labelled & (labels == label)
         accuracy = float(np.mean(predicted[of_class] == label))
         wrong = keys[of_class & (predicted != label)]
-        low = accuracy < threshold
+        status = rule_status(rules, "class_accuracy", overall - accuracy)
+        low = status != "pass"
         checks.append(Check(
-            "class_accuracy", "warn" if low else "pass", target=int(label), measure=accuracy, threshold=threshold,
+            "class_accuracy", status, target=int(label), measure=accuracy, threshold=threshold,
             keys=list(wrong), keys_total=len(wrong),
             summary=(f"Class {label}: accuracy {accuracy:.1%} on {int(of_class.sum())} records, "
                      + (f"far below the overall {overall:.1%}; look at its mispredicted records (keys) for label "
@@ -76,15 +60,16 @@ def border_attention(run, rules: dict) -> list[Check]:
         return [Check("border_attention", "pass", "Not measured: the corpus has no border_mass column.")]
     share = frame_share()
     targets, border, keys = run.values("target"), run.values("border_mass"), run.values("key")
-    threshold = rules["border_ratio_warn"]
+    threshold = rule_threshold(rules, "border_attention")
     checks = []
     for target in np.unique(targets[~np.isnan(targets)]).astype(int):
         of_class = (targets == target) & ~np.isnan(border)
         ratio = float(np.mean(border[of_class]) / share) if of_class.any() else float("nan")
-        heavy = keys[of_class & (border >= threshold * share)]
-        flagged = bool(ratio >= threshold)
+        heavy = keys[of_class & (border >= threshold * share)] if threshold is not None else keys[:0]
+        status = rule_status(rules, "border_attention", ratio)
+        flagged = status != "pass"
         checks.append(Check(
-            "border_attention", "warn" if flagged else "pass", target=int(target), measure=ratio,
+            "border_attention", status, target=int(target), measure=ratio,
             threshold=threshold, keys=list(heavy), keys_total=len(heavy),
             summary=(f"Class {target}: its maps put {ratio:.2f}x the border frame's share of the area "
                      f"({share:.0%}) on the frame"
@@ -105,10 +90,9 @@ def unconverged_maps(run, rules: dict) -> list[Check]:
     estimate = np.sqrt(2.0 * positive / (1.0 + positive))
     below = measured & (estimate < target)
     share = float(below.sum() / max(1, measured.sum()))
-    status = ("fail" if share >= rules["unconverged_share_fail"]
-              else "warn" if share >= rules["unconverged_share_warn"] else "pass")
+    status = rule_status(rules, "unconverged_maps", share)
     keys = run.values("key")[below]
-    return [Check("unconverged_maps", status, measure=share, threshold=rules["unconverged_share_warn"],
+    return [Check("unconverged_maps", status, measure=share, threshold=rule_threshold(rules, "unconverged_maps"),
                   keys=list(keys), keys_total=len(keys),
                   summary=(f"{share:.1%} of {int(measured.sum())} maps are estimated below {target} rank agreement "
                            "with their converged map"
@@ -136,9 +120,10 @@ def confident_mistakes(run, rules: dict) -> list[Check]:
             confident |= labelled & ~correct & (predicted == label) & (scores >= np.median(reference))
     share = float(confident.sum() / labelled.sum())
     order = np.argsort(-np.where(confident, scores, -np.inf), kind="stable")[:int(confident.sum())]
-    flagged = share >= rules["confident_mistakes_warn"]
-    return [Check("confident_mistakes", "warn" if flagged else "pass", measure=share,
-                  threshold=rules["confident_mistakes_warn"], keys=list(keys[order]), keys_total=int(confident.sum()),
+    status = rule_status(rules, "confident_mistakes", share)
+    flagged = status != "pass"
+    return [Check("confident_mistakes", status, measure=share,
+                  threshold=rule_threshold(rules, "confident_mistakes"), keys=list(keys[order]), keys_total=int(confident.sum()),
                   summary=(f"{int(confident.sum())} of {int(labelled.sum())} labelled records ({share:.1%}) are "
                            "mispredicted as confidently as typical correct predictions: possible label errors"
                            + ("; review their labels (keys, most confident first)." if flagged else ".")))]
@@ -149,14 +134,14 @@ def error_rate(run, rules: dict) -> list[Check]:
     manifest = run.manifest
     read, errors = int(manifest.get("records_read") or 0), int(manifest.get("errors_total") or 0)
     rate = errors / read if read else 0.0
-    status = "fail" if rate >= rules["error_rate_fail"] else "warn" if rate >= rules["error_rate_warn"] else "pass"
+    status = rule_status(rules, "error_rate", rate)
     by_stage = ", ".join(f"{count} at {stage}" for stage, count in (manifest.get("errors") or {}).items() if count)
     keys = []
     if errors:
         from pipelines.report.run_data import read_errors
 
         keys = [row["key"] for row in read_errors(run, MAX_KEYS)[0]]
-    return [Check("error_rate", status, measure=rate, threshold=rules["error_rate_warn"], keys=keys,
+    return [Check("error_rate", status, measure=rate, threshold=rule_threshold(rules, "error_rate"), keys=keys,
                   keys_total=errors,
                   summary=(f"{errors} of {read} records ({rate:.1%}) ended as error rows"
                            + (f" ({by_stage}); read the errors files for each record's reason." if errors else ".")))]

@@ -24,6 +24,8 @@ from transforms.engine.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, RED
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._=-]+")
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
 DTYPES = ("float16", "float32")
+#: ``fail_on``: the status from which the audit gate trips (exit 3).
+GATES = ("never", "warn", "fail")
 #: The config file key holding Beam pipeline options (not a run setting).
 BEAM_OPTIONS = "beam_options"
 
@@ -156,6 +158,18 @@ def _preprocessing(key, value):
         raise ConfigError(f"config key '{key}': {error}") from None
 
 
+def _audit_rules(key, value):
+    from pipelines.audit import rules
+
+    try:
+        if isinstance(value, str):
+            return dict(rules.load_raw(value))
+        rules.parse(value, source=f"config key '{key}'")
+    except rules.RulesError as error:
+        raise ConfigError(str(error)) from None
+    return dict(value)
+
+
 def _field(default, help_text: str, parse, required: bool = False):
     """A config field: its default, ``--help`` text and parser (None always allowed unless required)."""
     return dataclasses.field(default=default, metadata={"help": help_text, "parse": parse, "required": required})
@@ -265,6 +279,17 @@ class Config:
                                       "key hash (uniform, deterministic with seed).", _whole(10))
     counterfactual_samples: int = _field(64, "Images per shortcut candidate (and as many of other classes) re-run "
                                              "with the region replaced or pasted, to confirm it.", _whole(4))
+    audit_rules: dict = _field(None, "The audit's rules, overriding the defaults: a mapping of check names to "
+                                     "{enabled, warn, fail, ignore_classes, ...} in YAML, or the path of a YAML file "
+                                     "holding one (see docs/scheduled-audits.md for every check and default).",
+                               _audit_rules)
+    fail_on: str = _field("never", f"Audit gate, one of {GATES}: exit 3 (after writing everything) when a check "
+                                   "reaches this status; never: findings only.", _one_of(GATES))
+    compare_with: str = _field(None, "A completed run folder, or 'latest' (the most recent completed run under "
+                                     "output): the drift checks compare this run's findings with it; null = the "
+                                     "baseline when one is used, else no drift checks.", _text)
+    junit: str = _field(None, "Also write the audit's checks as JUnit XML to this file (local or gs://), one test "
+                              "case per check, for CI systems.", _text)
 
     @classmethod
     def keys(cls) -> list[str]:
