@@ -126,7 +126,8 @@ def _read_manifest(run_dir: str) -> dict | None:
         return json.loads(handle.read().decode("utf-8"))
 
 
-def _latest(output: str, own_run_id: str) -> str | None:
+def _latest(output: str, own_run_id: str, before: str | None = None) -> str | None:
+    """The most recently finished completed run under ``output`` but ``own_run_id`` (finished by ``before``)."""
     pattern = FileSystems.join(output.rstrip("/"), "run_id=*", corpus.MANIFEST)
     candidates = []
     for metadata in FileSystems.match([pattern])[0].metadata_list:
@@ -134,7 +135,9 @@ def _latest(output: str, own_run_id: str) -> str | None:
         manifest = _read_manifest(run_dir)
         if manifest is None or manifest.get("run_id") == own_run_id:
             continue
-        candidates.append((manifest.get("finished_at") or manifest.get("started_at") or "", run_dir))
+        finished = manifest.get("finished_at") or manifest.get("started_at") or ""
+        if before is None or finished <= before:
+            candidates.append((finished, run_dir))
     return max(candidates)[1] if candidates else None
 
 
