@@ -9,9 +9,10 @@ re-reads a bounded sample of records and runs the model on them.
 Per class: strategy clusters (:mod:`pipelines.audit.clusters`), a shortcut
 candidate region (:mod:`pipelines.audit.regions`) confirmed or not by
 counterfactuals (:mod:`pipelines.audit.counterfactual`); per class and per run:
-the corpus checks (:mod:`pipelines.audit.checks`). The evidence the report draws
-(class and cluster mean maps, candidate regions, counterfactual figures) goes
-to ``_audit/evidence.json`` and ``_audit/evidence.npz``.
+the corpus checks (:mod:`pipelines.audit.checks`); against a previous run: the
+drift checks (:mod:`pipelines.audit.drift`). The evidence the report draws
+(class and cluster mean maps, candidate regions, counterfactual figures, drift
+since the previous run) goes to ``_audit/evidence.json`` and ``_audit/evidence.npz``.
 
 Example:
 >>> document = audit_run("demo_output/run_id=demo")
@@ -32,6 +33,7 @@ from pipelines.audit import rules as audit_rules
 from pipelines.audit.checks import corpus_checks
 from pipelines.audit.clusters import strategy_clusters
 from pipelines.audit.counterfactual import Probabilities, confirm, read_images
+from pipelines.audit.drift import drift_since
 from pipelines.audit.findings import Check
 from pipelines.audit.regions import MAX_OTHER_MAPS, find_candidate
 
@@ -206,7 +208,8 @@ def _write_bytes(path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool = True) -> dict:
+def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool = True,
+              compare_with: str | None = None) -> dict:
     """Audits a finished run; returns the ``_FINDINGS.json`` document (and writes it with ``write``).
 
     Args:
@@ -215,6 +218,8 @@ def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool =
             run's own ``audit_rules``.
         model: the run's Keras model when the caller has it loaded (else loaded from the manifest when needed).
         write: write ``_FINDINGS.json`` and the evidence into the run folder.
+        compare_with: the previous run of the drift checks (:mod:`pipelines.audit.drift`): a run folder, or
+            ``latest``; None: the run config's ``compare_with``, else the run's baseline, else no drift checks.
 
     Returns:
         The findings document.
@@ -234,7 +239,12 @@ def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool =
         checks.append(Check("shortcut_region", "pass", summary=(
             "Not measured: the run was made with audit: false." if made_without else
             "Not measured: the run has no _audit/ aggregates (made by a version without them).")))
-    document = findings.findings(run.run_id, audit_rules.apply(rules, checks))
+    checks = audit_rules.apply(rules, checks)
+    drift, drift_evidence, drift_arrays = drift_since(run, compare_with, rules, checks)
+    if drift_evidence:
+        evidence["drift"] = drift_evidence
+        arrays.update(drift_arrays)
+    document = findings.findings(run.run_id, checks + audit_rules.apply(rules, drift))
     if write:
         if evidence:
             evidence["rules"] = rules

@@ -58,14 +58,14 @@ RULES = {rule.check: rule for rule in (
          "predictions", "above", 0.05, None, per_class=False),
     Rule("error_rate", "share of records that ended as error rows", "above", 0.01, 0.05, per_class=False),
     Rule("class_accuracy", "how far a class's accuracy lies below the overall accuracy", "above", 0.2, None),
-    Rule("drift_class_mean", "rank correlation of a class's mean map with the previous run's", "below", 0.9, 0.7),
+    Rule("drift_class_mean", "rank correlation of a class's mean map with the previous run's", "below", 0.92, 0.8),
     Rule("drift_map_agreement", "median rank correlation of a key's pooled map with the previous run's, over keys "
          "sampled in both runs", "below", 0.9, 0.7,
          {"agreement": (0.8, "a key counts as changed below this rank correlation")}, per_class=False),
     Rule("drift_prediction_flips", "share of keys in both runs whose predicted class changed", "above", 0.02, 0.1,
          per_class=False),
     Rule("drift_statistics", "largest effect size (absolute Cliff's delta) of a map statistic's shift in a class, among "
-         "shifts significant at p_value", "above", 0.2, 0.4,
+         "shifts significant at p_value", "above", 0.3, 0.5,
          {"p_value": (0.01, "two-sample Kolmogorov-Smirnov p-value below which a shift counts")}),
     Rule("drift_new_shortcut", "shortcut candidates confirmed in this run and not in the previous one", "above",
          None, 1.0),
