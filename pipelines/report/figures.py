@@ -214,6 +214,40 @@ def audit_maps(path: str, panels: list, cell: int, size: tuple, box=None, width:
     return _save(figure, path)
 
 
+#: The difference of two mean maps: red where this run puts more mass, blue where the previous one did.
+DIVERGING = "RdBu_r"
+
+
+def drift_maps(path: str, previous: np.ndarray, current: np.ndarray, cell: int, size: tuple,
+               titles: tuple = ("previous", "this run", "difference"), width: float = 1.25) -> str:
+    """A class's mean map in the previous run and in this one, on one scale, and their difference; returns ``path``.
+
+    Args:
+        path: the PNG file to write.
+        previous, current: unit-mass mean maps ``[h, w]`` on the same audit grid.
+        cell: input pixels per cell side.
+        size: (H, W) of the model input.
+        titles: the three panels' titles.
+        width: inches per panel.
+    """
+    previous, current = (np.nan_to_num(np.asarray(values, np.float64)) for values in (previous, current))
+    difference = current - previous
+    scale = float(np.percentile(np.concatenate([previous.ravel(), current.ravel()]), 99)) or 1.0
+    spread = float(np.abs(difference).max()) or 1.0  # symmetric: white is no change
+    images = [colormaps[HEAT](np.clip(previous / scale, 0, 1)), colormaps[HEAT](np.clip(current / scale, 0, 1)),
+              colormaps[DIVERGING](np.clip(0.5 + 0.5 * difference / spread, 0, 1))]
+    height, width_px = size
+    figure = Figure(figsize=(width * 3, width * 1.12))
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.84, wspace=0.08)
+    for axes, title, rgba in zip(figure.subplots(1, 3), titles, images):
+        axes.set_axis_off()
+        axes.set_title(title, fontsize=8, color=_GREY, pad=2)
+        axes.imshow(rgba, interpolation="nearest", extent=(0, rgba.shape[1] * cell, rgba.shape[0] * cell, 0))
+        axes.set_xlim(0, width_px)
+        axes.set_ylim(height, 0)
+    return _save(figure, path)
+
+
 def counterfactual(path: str, outcome: dict) -> str:
     """Bars of a region's counterfactual effects against their random-region controls; returns ``path``.
 

@@ -11,7 +11,9 @@ counterfactual figures). This module turns them into the page's context:
   table of the passing ones, so that "checked and fine" shows as well as
   "flagged". A run without ``_FINDINGS.json`` is said to be not audited.
 * :func:`class_maps`: one thumbnail figure per class, its mean map beside the
-  means of its correct and wrong maps when the run has labels.
+  means of its correct and wrong maps when the run has labels;
+* the drift since a previous run, when the audit measured it
+  (:mod:`pipelines.report.drift_view`).
 
 The page stays bounded: at most :data:`DETAILED` flagged checks get figures,
 each with at most ``top`` tiles, and at most :data:`CLASS_MAPS_SHOWN` classes
@@ -30,6 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.audit import findings as findings_file
 from pipelines.audit.audit import EVIDENCE_ARRAYS, EVIDENCE_JSON
 from pipelines.report import figures
+from pipelines.report.drift_view import drift_section
 from pipelines.report.run_data import Run, caption, input_size, load_maps, load_pictures
 from transforms.audit.pooling import AUDIT_DIR
 from transforms.support.errors import one_line
@@ -289,10 +292,12 @@ def audit_views(run: Run, site, top: int) -> dict:
         top: tiles per flagged check.
 
     Returns:
-        ``{"findings": ..., "class_maps": ...}``.
+        ``{"findings": ..., "class_maps": ..., "drift": ...}`` (drift: :func:`pipelines.report.drift_view.drift_section`).
     """
     evidence = read_evidence(run.path)
     section = findings_section(run, site, top, evidence)
     regions = {check["class"]: check["region"] for check in section.get("flagged", []) + section.get("listed", [])
                if check["check"] == "shortcut_region" and check.get("region") and check.get("class") is not None}
-    return {"findings": section, "class_maps": class_maps(run, site, evidence, regions)}
+    document, _ = read_findings(run.path)
+    return {"findings": section, "class_maps": class_maps(run, site, evidence, regions),
+            "drift": drift_section(run, site, evidence, (document or {}).get("checks") or [])}
