@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import jsonschema
 import numpy as np
@@ -138,6 +139,11 @@ def test_a_previous_run_that_cannot_be_used_gives_one_clear_entry(runs, tmp_path
     incomplete.mkdir()
     cases = {str(tmp_path / "run_id=gone"): "does not exist", str(incomplete): "the run is not complete",
              run_dir: "this run's own folder"}
+    damaged = tmp_path / "run_id=damaged"
+    shutil.copytree(runs["again"][0], damaged)
+    for path in damaged.glob("_audit/class_saliency-*"):
+        path.write_bytes(b"not parquet")
+    cases[str(damaged)] = "cannot read"
     for previous, reason in cases.items():
         entries = _drift(audit_run(run_dir, compare_with=previous, write=False))
         assert len(entries) == 1 and entries[0]["check"] == "drift_class_mean", entries

@@ -29,13 +29,18 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from scipy import stats as scipy_stats
 
 from pipelines.audit import findings
 from pipelines.audit.findings import MAX_KEYS, Check
 from pipelines.audit.rules import status as rule_status
 from pipelines.audit.rules import threshold as rule_threshold
+from pipelines.report.run_data import RunError, open_run
+from transforms.audit.pooling import unit_mass_pooled
+from transforms.audit.read import AuditReadError, read_class_saliency, read_grid, read_samples
 from transforms.engine.statistics import rank_correlation
+from transforms.support.errors import one_line
 
 #: Map statistic columns compared per class. ``score`` is left out: it is the model's output, not its map,
 #: and its scale moves with any retraining (prediction changes are drift_prediction_flips).
@@ -57,8 +62,6 @@ def _name(previous) -> str:
 # ------------------------------------------------------------------ the pooled maps on one grid
 def _factors(run, previous) -> tuple[tuple[int, int] | None, str]:
     """Sum-pooling factors that bring both runs' pooled maps to one grid; or None and why they cannot be."""
-    from transforms.audit.read import read_grid
-
     if not run.manifest.get("audit") or not previous.manifest.get("audit"):
         return None, f"{'this' if not run.manifest.get('audit') else 'the previous'} run has no _audit/ data"
     here, there = read_grid(run.manifest), read_grid(previous.manifest)
@@ -72,16 +75,12 @@ def _factors(run, previous) -> tuple[tuple[int, int] | None, str]:
 def _on_grid(pooled: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return np.asarray(pooled, np.float64)
-    from transforms.audit.pooling import unit_mass_pooled
-
     return unit_mass_pooled(pooled, factor).astype(np.float64)
 
 
 # ------------------------------------------------------------------ the checks
 def class_means(run, previous, rules: dict, factors, agreement: dict) -> tuple[list[Check], dict, dict]:
     """``drift_class_mean`` per class: the rank correlation of the class's mean map with the previous run's."""
-    from transforms.audit.read import read_class_saliency
-
     here = {entry.target: entry for entry in read_class_saliency(run.path, run.manifest) if entry.group == "all"}
     there = {entry.target: entry for entry in read_class_saliency(previous.path, previous.manifest)
              if entry.group == "all"}
@@ -124,8 +123,6 @@ def class_means(run, previous, rules: dict, factors, agreement: dict) -> tuple[l
 def map_agreement(run, previous, rules: dict, factors) -> tuple[list[Check], dict, dict, dict]:
     """``drift_map_agreement``: each map sampled in both runs against the previous run's; also the changed keys
     per class, worst first."""
-    from transforms.audit.read import read_samples
-
     here = {(target, sample.key): sample.pooled for target, samples in read_samples(run.path, run.manifest).items()
             for sample in samples}
     there = {(target, sample.key): sample.pooled
@@ -365,12 +362,7 @@ def previous_run(run, compare_with: str | None = None):
         ``(Run, None)`` or ``(None, Check)``: a passing ``drift_class_mean`` entry when nothing was asked for, a
         warning when the run asked for cannot be used.
     """
-    from apache_beam.io.filesystems import FileSystems
-
-    from pipelines.report.run_data import RunError, open_run
-    from pipelines.run.baseline import _latest
-    from transforms.support.errors import one_line
-
+    from pipelines.run.baseline import _latest  # it loads the run config, and TensorFlow with it
     baseline = (run.manifest.get("baseline") or {}).get("path")
     configured = (run.manifest.get("config") or {}).get("compare_with")
     setting, source = next(((value, name) for value, name in ((compare_with, "compare_with"),
@@ -402,4 +394,8 @@ def drift_since(run, compare_with: str | None, rules: dict, checks: list[Check])
     previous, why = previous_run(run, compare_with)
     if previous is None:
         return [why], {}, {}
-    return drift_checks(run, previous, rules, checks)
+    try:
+        return drift_checks(run, previous, rules, checks)
+    except (AuditReadError, RunError, OSError) as error:  # a damaged previous run: say so, audit the rest
+        return [Check("drift_class_mean", "warn", f"Not measured: {_name(previous)} cannot be compared with: "
+                                                  f"{one_line(error)}.")], {}, {}
