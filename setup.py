@@ -46,6 +46,8 @@ setup(
             "packaging>=23",
             # _FINDINGS.json is checked against its JSON Schema
             "jsonschema>=4.18,<5",
+            # the audit's JUnit XML is read back as CI systems read it
+            "junitparser>=3.1,<6",
         ],
         "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
         # benchmarks/peers.py (peer SmoothGrad libraries) and the pipeline benchmark
