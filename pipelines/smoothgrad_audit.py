@@ -255,7 +255,7 @@ def _restart_for_kernels(kernels: str) -> None:
 
 #: Sub-commands beside the default (running an audit): name → module with ``main(argv) -> int``.
 SUBCOMMANDS = {"report": "pipelines.report.report", "compare": "pipelines.report.compare",
-               "audit": "pipelines.audit.command"}
+               "audit": "pipelines.audit.command", "history": "pipelines.report.history"}
 
 
 def main(argv=None, wait=True) -> int:
@@ -263,8 +263,8 @@ def main(argv=None, wait=True) -> int:
 
     ``smoothgrad-audit --config FILE [--key value ...]`` runs an audit
     (``--validate_only``: only checks it; ``wait=False``: returns once submitted);
-    ``smoothgrad-audit report RUN_DIR`` and ``smoothgrad-audit compare RUN_A RUN_B``
-    look at finished runs.
+    ``smoothgrad-audit report RUN_DIR``, ``smoothgrad-audit compare RUN_A RUN_B`` and
+    ``smoothgrad-audit history OUTPUT`` (every completed run under OUTPUT) look at finished runs.
     """
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
