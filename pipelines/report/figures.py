@@ -296,6 +296,12 @@ def trend(path: str, runs: list[str], series: dict, title: str, ylabel: str, thr
     axes.set_title(title, fontsize=9)
     axes.set_ylabel(ylabel, fontsize=8)
     axes.tick_params(axis="y", labelsize=7)
+    axes.ticklabel_format(axis="y", useOffset=False)  # plain values, not "1e-8 + 0.91" for a flat series
+    shown = [float(value) for values in series.values() for value in values if value is not None]
+    shown = [value for value in shown if np.isfinite(value)]
+    if shown and max(shown) - min(shown) < 1e-3 * max(1.0, abs(max(shown))):  # flat: a readable range around it
+        middle = (max(shown) + min(shown)) / 2
+        axes.set_ylim(middle - 0.05 * max(1.0, abs(middle)), middle + 0.05 * max(1.0, abs(middle)))
     if len(series) > 1 or threshold is not None or statuses:
         axes.legend(fontsize=6, frameon=False, loc="best")
     for side in ("top", "right"):
