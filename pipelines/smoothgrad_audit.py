@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
+from pipelines.audit import gate
 from pipelines.audit.command import audit_after_run
 from pipelines.run.baseline import Baseline, expected_device, fingerprint
 from pipelines.run.baseline import resolve as resolve_baseline
@@ -193,15 +194,34 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
         result.wait_until_finish()
     finally:
         Progress.finish(run_dir)
-    _log_summary(run_dir)
+    manifest = _log_summary(run_dir)
+    outcome = (manifest or {}).get("gate")
+    if outcome:  # the audit's gate, recorded by the Audit step: its line is the run's last
+        message = gate.Outcome(**{key: outcome[key] for key in ("fail_on", "status", "tripped", "failing")}).message()
+        if outcome["tripped"]:
+            logger.error(message)
+            raise GateTripped(message, result)
+        logger.info(message)
     return result
 
 
-def _log_summary(run_dir: str) -> None:
+class GateTripped(Exception):
+    """The run finished and wrote everything, and its audit gate (``fail_on``) tripped: exit 3.
+
+    Attributes:
+        result: the Beam ``PipelineResult``.
+    """
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result
+
+
+def _log_summary(run_dir: str) -> dict | None:
     manifest_path = FileSystems.join(run_dir, corpus.MANIFEST)
     if not FileSystems.exists(manifest_path):  # e.g. a runner that returns before the job ends
         logger.warning("No manifest in %s yet: the run is not complete.", run_dir)
-        return
+        return None
     with FileSystems.open(manifest_path) as handle:
         manifest = json.loads(handle.read().decode("utf-8"))
     errors = ", ".join(f"{count} at {stage}" for stage, count in manifest["errors"].items() if count) or "none"
@@ -209,6 +229,7 @@ def _log_summary(run_dir: str) -> None:
     logger.info("Done: %d records read, %d explained%s, %d rows written, errors: %s. Corpus: %s",
                 manifest["records_read"], manifest["records_explained"], reused, manifest["rows_written"], errors,
                 run_dir)
+    return manifest
 
 
 _RESTARTED = "SMOOTHGRAD_AUDIT_RESTARTED_FOR_KERNELS"
@@ -234,7 +255,7 @@ def _restart_for_kernels(kernels: str) -> None:
 
 #: Sub-commands beside the default (running an audit): name → module with ``main(argv) -> int``.
 SUBCOMMANDS = {"report": "pipelines.report.report", "compare": "pipelines.report.compare",
-               "audit": "pipelines.audit.command"}
+               "audit": "pipelines.audit.command", "history": "pipelines.report.history"}
 
 
 def main(argv=None, wait=True) -> int:
@@ -242,8 +263,8 @@ def main(argv=None, wait=True) -> int:
 
     ``smoothgrad-audit --config FILE [--key value ...]`` runs an audit
     (``--validate_only``: only checks it; ``wait=False``: returns once submitted);
-    ``smoothgrad-audit report RUN_DIR`` and ``smoothgrad-audit compare RUN_A RUN_B``
-    look at finished runs.
+    ``smoothgrad-audit report RUN_DIR``, ``smoothgrad-audit compare RUN_A RUN_B`` and
+    ``smoothgrad-audit history OUTPUT`` (every completed run under OUTPUT) look at finished runs.
     """
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -265,6 +286,8 @@ def main(argv=None, wait=True) -> int:
     except ConfigError as error:
         print(f"smoothgrad-audit: error: {error}", file=sys.stderr)
         return 2
+    except GateTripped:
+        return gate.EXIT_GATE
     return 0
 
 

@@ -108,8 +108,12 @@ def test_the_manifest_is_written_after_every_shard(remote):
     updated = {metadata.path.rsplit("/", 1)[1]: metadata.last_updated_in_seconds
                for metadata in FileSystems.match([f"{run_dir}/*"])[0].metadata_list}
     manifest_time = updated.pop("_MANIFEST.json")
-    assert updated.pop("_FINDINGS.json") >= manifest_time  # the audit comes after the complete corpus
-    assert len(updated) == 3 and all(manifest_time >= shard_time for shard_time in updated.values())
+    findings_time = updated.pop("_FINDINGS.json")
+    assert len(updated) == 3 and all(findings_time >= shard_time for shard_time in updated.values())
+    # the audit comes after the complete corpus; the manifest is written then, and again with the audit's gate
+    assert manifest_time >= findings_time
+    manifest = json.loads(_read(f"{run_dir}/_MANIFEST.json"))
+    assert manifest["gate"]["fail_on"] == "never" and manifest["rows_written"] == 12
 
 
 def test_storage_helpers_on_an_object_store(gcs_bucket):

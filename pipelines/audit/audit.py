@@ -208,7 +208,7 @@ def _write_bytes(path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool = True,
+def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool = True, out: str | None = None,
               compare_with: str | None = None) -> dict:
     """Audits a finished run; returns the ``_FINDINGS.json`` document (and writes it with ``write``).
 
@@ -217,7 +217,8 @@ def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool =
         rules: the audit rules as a mapping of overrides (:func:`pipelines.audit.rules.parse`); None: the
             run's own ``audit_rules``.
         model: the run's Keras model when the caller has it loaded (else loaded from the manifest when needed).
-        write: write ``_FINDINGS.json`` and the evidence into the run folder.
+        write: write ``_FINDINGS.json`` and the evidence (into the run folder, or ``out``).
+        out: a folder for ``_FINDINGS.json`` and the evidence instead of the run folder.
         compare_with: the previous run of the drift checks (:mod:`pipelines.audit.drift`): a run folder, or
             ``latest``; None: the run config's ``compare_with``, else the run's baseline, else no drift checks.
 
@@ -246,13 +247,14 @@ def audit_run(run_dir: str, rules: dict | None = None, model=None, write: bool =
         arrays.update(drift_arrays)
     document = findings.findings(run.run_id, checks + audit_rules.apply(rules, drift))
     if write:
+        target = run.path if out is None else out.rstrip("/")
         if evidence:
             evidence["rules"] = rules
-            _write_bytes(FileSystems.join(run.path, AUDIT_DIR, EVIDENCE_JSON), json.dumps(evidence, indent=2).encode())
+            _write_bytes(FileSystems.join(target, AUDIT_DIR, EVIDENCE_JSON), json.dumps(evidence, indent=2).encode())
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **arrays)
-            _write_bytes(FileSystems.join(run.path, AUDIT_DIR, EVIDENCE_ARRAYS), buffer.getvalue())
-        findings.write(run.path, document)
+            _write_bytes(FileSystems.join(target, AUDIT_DIR, EVIDENCE_ARRAYS), buffer.getvalue())
+        findings.write(target, document)
     failing = [check for check in document["checks"] if check["status"] != "pass"]
     logger.info("Audit: %s (%d checks, %d warn, %d fail)%s", document["status"], len(document["checks"]),
                 sum(check["status"] == "warn" for check in failing), sum(check["status"] == "fail" for check in failing),

@@ -32,6 +32,8 @@ NEIGHBOURS = 10
 MIN_MAPS = 12
 #: A gap after the k-th eigenvalue counts when it is at least this share of the (k+1)-th eigenvalue.
 MIN_RELATIVE_GAP = 0.5
+#: k-means runs from different seeded starts; the one with the least inertia is kept.
+KMEANS_RESTARTS = 10
 #: Exemplars listed per cluster: the maps nearest its centre.
 EXEMPLARS = 8
 
@@ -83,6 +85,37 @@ def _one(maps: np.ndarray, keys: list) -> Clusters:
                     labels=np.zeros(len(maps), int))
 
 
+def knn_affinity(features: np.ndarray, neighbours: int) -> np.ndarray:
+    """The symmetric k-nearest-neighbour graph of ``features`` ``[n, d]`` by cosine similarity (0, 0.5 or 1).
+
+    Each row is linked to its ``neighbours`` most similar other rows (ties: the
+    lower index first); the graph is averaged with its transpose, so a link
+    both ways weighs 1 and a link one way 0.5.
+    """
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :neighbours]
+    graph = np.zeros_like(similarity)
+    np.put_along_axis(graph, nearest, 1.0, axis=1)
+    return 0.5 * (graph + graph.T)
+
+
+def kmeans(points: np.ndarray, clusters: int, seed: int, restarts: int = KMEANS_RESTARTS) -> tuple:
+    """k-means (k-means++ starts, seeded), the best of ``restarts`` runs: ``(centres, label of each point)``."""
+    from scipy.cluster.vq import kmeans2
+
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(restarts):
+        centres, labels = kmeans2(points, clusters, minit="++", seed=rng)
+        inertia = float(np.sum((points - centres[labels]) ** 2))
+        if best is None or inertia < best[0]:
+            best = (inertia, centres, labels)
+    return best[1], best[2]
+
+
 def strategy_clusters(maps: np.ndarray, keys: list, seed: int = 0, max_clusters: int = MAX_CLUSTERS,
                       neighbours: int = NEIGHBOURS) -> Clusters:
     """Clusters one class's maps by the strategy they show.
@@ -97,24 +130,18 @@ def strategy_clusters(maps: np.ndarray, keys: list, seed: int = 0, max_clusters:
     Returns:
         The :class:`Clusters`.
     """
+    from scipy.linalg import eigh
     from scipy.sparse.csgraph import laplacian
-    from sklearn.cluster import KMeans
-    from sklearn.neighbors import kneighbors_graph
 
     maps = np.asarray(maps, np.float64)
     count = len(maps)
     if count < MIN_MAPS:
         return _one(maps, keys)
-    features = maps.reshape(count, -1)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    features = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
-    graph = kneighbors_graph(features, n_neighbors=min(neighbours, count - 1), mode="connectivity",
-                             include_self=False)
-    affinity = 0.5 * (graph + graph.T)
-    normalised = laplacian(affinity, normed=True).toarray()
-    eigenvalues, eigenvectors = np.linalg.eigh(normalised)
     considered = min(max_clusters, count - 1)
-    values = np.clip(eigenvalues[:considered + 1], 0.0, None)
+    normalised = laplacian(knn_affinity(maps.reshape(count, -1), min(neighbours, count - 1)), normed=True)
+    # only the smallest eigenpairs are needed: a subset solver, not the full decomposition
+    eigenvalues, eigenvectors = eigh(normalised, subset_by_index=[0, considered])
+    values = np.clip(eigenvalues, 0.0, None)
     gaps = np.diff(values)
     # k clusters when the gap after the k-th eigenvalue is large against the (k+1)-th: maps that form k groups
     # give k eigenvalues near 0, then a jump. A continuum of strategies (e.g. the object anywhere in the image)
@@ -128,15 +155,15 @@ def strategy_clusters(maps: np.ndarray, keys: list, seed: int = 0, max_clusters:
     embedding = eigenvectors[:, :chosen]
     lengths = np.linalg.norm(embedding, axis=1, keepdims=True)
     embedding = np.divide(embedding, lengths, out=np.zeros_like(embedding), where=lengths > 0)
-    kmeans = KMeans(n_clusters=chosen, random_state=seed, n_init=10).fit(embedding)
-    order = np.argsort(-np.bincount(kmeans.labels_, minlength=chosen), kind="stable")
+    centres, assigned = kmeans(embedding, chosen, seed)
+    order = np.argsort(-np.bincount(assigned, minlength=chosen), kind="stable")
     relabel = np.empty(chosen, int)
     relabel[order] = np.arange(chosen)
-    labels = relabel[kmeans.labels_]
+    labels = relabel[assigned]
     clusters = []
     for index, original in enumerate(order):
         members = np.flatnonzero(labels == index)
-        distance = np.linalg.norm(embedding[members] - kmeans.cluster_centers_[original], axis=1)
+        distance = np.linalg.norm(embedding[members] - centres[original], axis=1)
         nearest = members[np.argsort(distance, kind="stable")[:EXEMPLARS]]
         clusters.append(Cluster(size=len(members), share=len(members) / count, mean=maps[members].mean(axis=0),
                                 exemplars=[keys[member] for member in nearest], members=members))

@@ -10,10 +10,11 @@ failing ``audit`` check that says why.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
-from pipelines.audit import findings
+from pipelines.audit import findings, gate
 
 logger = logging.getLogger(__name__)
 PROG = "smoothgrad-audit audit"
@@ -21,6 +22,10 @@ PROG = "smoothgrad-audit audit"
 
 def audit_after_run(manifest_path: str, run_dir: str) -> str:
     """The pipeline's ``Audit`` step: audits the run whose manifest was just written; returns the findings' path.
+
+    Then, with the run config's ``junit``, writes the findings as JUnit XML, and
+    records the gate (``fail_on``) and its outcome in the manifest's ``gate``
+    block; the launcher reads it to exit with :data:`pipelines.audit.gate.EXIT_GATE`.
 
     Args:
         manifest_path: the written ``_MANIFEST.json`` (its arrival orders this step after the corpus).
@@ -40,30 +45,73 @@ def audit_after_run(manifest_path: str, run_dir: str) -> str:
             "audit", "fail", f"The audit could not run ({type(error).__name__}: {one_line(error)}); run "
                              f"'smoothgrad-audit audit {run_dir}' once the cause is fixed.")])
         findings.write(run_dir, document)
+    record_gate(run_dir, document)
     return findings.FINDINGS
+
+
+def record_gate(run_dir: str, document: dict) -> gate.Outcome:
+    """Writes the run's JUnit XML (config ``junit``) and the manifest's ``gate`` block; returns the outcome."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms.support import storage
+    from transforms.write.corpus import MANIFEST
+
+    path = FileSystems.join(run_dir.rstrip("/"), MANIFEST)
+    with FileSystems.open(path) as handle:
+        manifest = json.loads(handle.read().decode("utf-8"))
+    config = manifest.get("config") or {}
+    outcome = gate.evaluate(document, config.get("fail_on") or "never")
+    if config.get("junit"):
+        gate.write_junit(config["junit"], document, outcome.fail_on)
+    manifest["gate"] = dict(outcome.as_dict(), junit=config.get("junit"))
+    storage.replace(path, json.dumps(manifest, indent=2).encode("utf-8"))
+    return outcome
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``smoothgrad-audit audit``."""
     from pipelines.report.report import OneLineParser
 
-    command = OneLineParser(prog=PROG, description="Audits a finished run again (its corpus columns and the "
-                            "_audit/ aggregates the run wrote; shortcut candidates are re-tested on the model) "
-                            "and writes RUN_DIR/_FINDINGS.json.")
+    command = OneLineParser(prog=PROG, description=(
+        "Audits a finished run again with the given rules, without explaining anything again (the corpus columns "
+        "and the _audit/ aggregates the run wrote suffice; a shortcut candidate is re-tested on the model with its "
+        "bounded sample), writes _FINDINGS.json, prints one line per check, and exits 3 when the gate trips."))
     command.add_argument("run_dir", metavar="RUN_DIR", help="the run folder, OUTPUT/run_id=<RUN_ID> (local or gs://)")
+    command.add_argument("--rules", metavar="FILE", help="a YAML rules file (default: the run's own audit_rules)")
+    command.add_argument("--out", metavar="DIR", help="write _FINDINGS.json and the evidence here instead of RUN_DIR")
+    command.add_argument("--fail_on", choices=gate.GATES, default="fail",
+                         help="exit 3 when a check reaches this status (default: fail)")
+    command.add_argument("--junit", metavar="FILE", help="also write the checks as JUnit XML to FILE")
     return command
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``smoothgrad-audit audit RUN_DIR``: prints the findings' status and path; 2 and one line on a mistake."""
+    """``smoothgrad-audit audit RUN_DIR``: one line per check, the findings' path; 2 on a mistake, 3 on the gate."""
     from pipelines.audit.audit import audit_run
-    from pipelines.report.report import run_command
+    from pipelines.audit.rules import RulesError, load
+    from pipelines.report.report import RunError, run_command
+
+    outcome = {}
 
     def audit(args):
-        document = audit_run(args.run_dir)
-        return f"{document['status']} {args.run_dir.rstrip('/')}/{findings.FINDINGS}"
+        try:
+            rules = load(args.rules) if args.rules else None
+        except RulesError as error:
+            raise RunError(str(error)) from None
+        document = audit_run(args.run_dir, rules=rules, out=args.out)
+        for check in findings.rank(document["checks"]):
+            print(gate.line(check))
+        if args.junit:
+            gate.write_junit(args.junit, document, args.fail_on)
+        outcome["gate"] = gate.evaluate(document, args.fail_on)
+        logger.info(outcome["gate"].message())
+        where = (args.out or args.run_dir).rstrip("/")
+        return f"{document['status']} {where}/{findings.FINDINGS}"
 
-    return run_command(PROG, parser(), audit, argv)
+    status = run_command(PROG, parser(), audit, argv)
+    if status == 0 and outcome.get("gate") is not None and outcome["gate"].tripped:
+        return gate.EXIT_GATE
+    return status
 
 
 if __name__ == "__main__":

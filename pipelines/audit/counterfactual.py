@@ -113,7 +113,13 @@ class Probabilities:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """``[n, H, W, C]`` → ``[n, classes]``."""
-        parts = [self._function(images[start:start + _BATCH]).numpy() for start in range(0, len(images), _BATCH)]
+        parts = []
+        for start in range(0, len(images), _BATCH):
+            batch = images[start:start + _BATCH]
+            count = len(batch)
+            if count < _BATCH:  # padded: one traced shape for every call
+                batch = np.concatenate([batch, np.zeros((_BATCH - count,) + batch.shape[1:], batch.dtype)])
+            parts.append(self._function(batch).numpy()[:count])
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -108,15 +107,10 @@ def findings(run_id: str, checks: list[Check]) -> dict:
 
 
 def write(run_dir: str, document: dict) -> str:
-    """Writes ``document`` as ``run_dir/_FINDINGS.json`` (a temporary name, then renamed); returns its path."""
-    final = FileSystems.join(run_dir, FINDINGS)
-    temporary = FileSystems.join(run_dir, f".{FINDINGS}.{uuid.uuid4().hex}.tmp")
-    with FileSystems.create(temporary) as handle:
-        handle.write(json.dumps(document, indent=2).encode("utf-8"))
-    if FileSystems.exists(final):
-        FileSystems.delete([final])
-    FileSystems.rename([temporary], [final])
-    return final
+    """Writes ``document`` as ``run_dir/_FINDINGS.json`` (replaced whole: a reader never sees a part); returns its path."""
+    from transforms.support import storage
+
+    return storage.replace(FileSystems.join(run_dir, FINDINGS), json.dumps(document, indent=2).encode("utf-8"))
 
 
 def read(run_dir: str) -> dict | None:

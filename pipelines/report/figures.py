@@ -288,3 +288,57 @@ def counterfactual(path: str, outcome: dict) -> str:
         axes.spines[side].set_visible(False)
     figure.tight_layout()
     return _save(figure, path)
+
+
+#: Colours of the lines of a trend (one per series; no red or yellow: those mark failing and warning points).
+_SERIES = ("#3b6fd8", "#16a34a", "#9333ea", "#0891b2", "#db2777", "#475569", "#65a30d", "#7c2d12")
+_MARKS = {"warn": ("#e0b400", "s"), "fail": ("#b42318", "X")}
+
+
+def trend(path: str, runs: list[str], series: dict, title: str, ylabel: str, threshold: float | None = None,
+          statuses: dict | None = None, labels_shown: int = 12) -> str:
+    """Values over a sequence of runs, one line per series; returns ``path``.
+
+    Args:
+        path: the PNG file to write.
+        runs: the runs' ids, in order (the x axis; at most ``labels_shown`` of them are written under it).
+        series: ``{name: [value or None per run]}``; a run whose value is None has no point (the line joins the
+            points on either side). One series alone draws no legend.
+        title: the heading.
+        ylabel: the y axis's label.
+        threshold: a dashed horizontal line (a check's threshold), or None.
+        statuses: ``{name: [status or None per run]}``: ``warn`` and ``fail`` points get a mark.
+    """
+    figure = Figure(figsize=(4.4, 2.7))
+    axes = figure.subplots()
+    x, marked = np.arange(len(runs)), set()
+    for index, (name, values) in enumerate(series.items()):
+        y = np.array([np.nan if value is None else float(value) for value in values], np.float64)
+        colour, known = _SERIES[index % len(_SERIES)], np.isfinite(y)
+        axes.plot(x[known], y[known], marker="o", markersize=3.5, linewidth=1.3, color=colour, label=name)
+        for status, (mark_colour, marker) in _MARKS.items():
+            flagged = [i for i, value in enumerate((statuses or {}).get(name) or ()) if value == status]
+            if flagged:
+                axes.scatter(x[flagged], y[flagged], s=40, marker=marker, color=mark_colour, zorder=3,
+                             label=None if status in marked else status)
+                marked.add(status)
+    if threshold is not None:
+        axes.axhline(threshold, color=_GREY, linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    step = max(1, -(-len(runs) // labels_shown))
+    axes.set_xticks(x[::step], [runs[i] for i in range(0, len(runs), step)], fontsize=6, rotation=30, ha="right")
+    axes.set_xlim(-0.5, len(runs) - 0.5)
+    axes.set_title(title, fontsize=9)
+    axes.set_ylabel(ylabel, fontsize=8)
+    axes.tick_params(axis="y", labelsize=7)
+    axes.ticklabel_format(axis="y", useOffset=False)  # plain values, not "1e-8 + 0.91" for a flat series
+    shown = [float(value) for values in series.values() for value in values if value is not None]
+    shown = [value for value in shown if np.isfinite(value)]
+    if shown and max(shown) - min(shown) < 1e-3 * max(1.0, abs(max(shown))):  # flat: a readable range around it
+        middle = (max(shown) + min(shown)) / 2
+        axes.set_ylim(middle - 0.05 * max(1.0, abs(middle)), middle + 0.05 * max(1.0, abs(middle)))
+    if len(series) > 1 or threshold is not None or statuses:
+        axes.legend(fontsize=6, frameon=False, loc="best")
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    figure.tight_layout()
+    return _save(figure, path)

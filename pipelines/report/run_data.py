@@ -110,11 +110,13 @@ def _listed(run_dir: str, manifest: dict, kind: str) -> list[str]:
     return sorted(metadata.path for metadata in FileSystems.match([pattern])[0].metadata_list)
 
 
-def open_run(run_dir: str) -> Run:
+def open_run(run_dir: str, columns=None) -> Run:
     """Reads a finished run's manifest and scalar columns (no map).
 
     Args:
         run_dir: ``OUTPUT/run_id=<RUN_ID>``, local or ``gs://``.
+        columns: the scalar columns to read (those the corpus lacks are left out), e.g. a few numeric
+            columns to skip the keys' and hashes' strings; None: every scalar column.
 
     Returns:
         The :class:`Run`.
@@ -139,7 +141,8 @@ def open_run(run_dir: str) -> Run:
                 parquet = pq.ParquetFile(handle)
                 tensor_type = parquet.schema_arrow.field(SALIENCY).type
                 map_shape = tuple(int(size) for size in tensor_type.shape)
-                scalars = [name for name in parquet.schema_arrow.names if name != SALIENCY]
+                scalars = [name for name in parquet.schema_arrow.names
+                           if name != SALIENCY and (columns is None or name in columns)]
                 for group in range(parquet.metadata.num_row_groups):
                     table = parquet.read_row_group(group, columns=scalars)
                     count = table.num_rows

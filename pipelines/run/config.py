@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.audit.gate import GATES
+
 from transforms.engine.device import CPU_KERNELS, DEFAULT_CPU_KERNELS
 from transforms.rows.postprocess import Normalization
 from transforms.decode.preprocess import PREPROCESS_MODES, Preprocessing
@@ -24,8 +26,7 @@ from transforms.engine.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, RED
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._=-]+")
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
 DTYPES = ("float16", "float32")
-#: ``fail_on``: the status from which the audit gate trips (exit 3).
-GATES = ("never", "warn", "fail")
+
 #: The config file key holding Beam pipeline options (not a run setting).
 BEAM_OPTIONS = "beam_options"
 
@@ -339,6 +340,10 @@ def validate(raw: dict) -> Config:
     if config.max_samples < config.min_samples:
         raise ConfigError(f"config key 'max_samples': expected a whole number >= min_samples "
                           f"({config.min_samples}); got {config.max_samples!r}.")
+    for key in ("fail_on", "junit", "audit_rules", "compare_with"):
+        if not config.audit and getattr(config, key) not in (None, "never"):
+            raise ConfigError(f"config key '{key}': needs 'audit: true' (the audit makes the findings it reads); "
+                              f"got {getattr(config, key)!r} with audit: false.")
     if config.target.mode == "label" and not config.label_feature:
         raise ConfigError("config key 'target': 'label' needs 'label_feature' to name the label feature.")
     return config

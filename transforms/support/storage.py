@@ -55,6 +55,31 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path) or bool(files_under(path))
 
 
+def replace(path: str, data: bytes) -> str:
+    """Writes ``data`` to ``path`` so that a reader sees the old file or the new one, never none or a part.
+
+    On an object store a written object replaces the old one atomically when
+    the upload completes; locally the bytes go to a temporary file in the same
+    folder, then ``os.replace``.
+    """
+    if is_remote(path):
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            handle.write(data)
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return path
+
+
 def clear_folder(folder: str) -> int:
     """Deletes every file below ``folder`` (and, locally, the folder itself); returns how many files went.
 
