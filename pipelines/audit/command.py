@@ -82,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--fail_on", choices=gate.GATES, default="fail",
                          help="exit 3 when a check reaches this status (default: fail)")
     command.add_argument("--junit", metavar="FILE", help="also write the checks as JUnit XML to FILE")
+    command.add_argument("--compare_with", metavar="RUN_DIR",
+                         help="drift checks against this run, or 'latest' (default: the run's own compare_with, "
+                              "else its baseline)")
     return command
 
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             rules = load(args.rules) if args.rules else None
         except RulesError as error:
             raise RunError(str(error)) from None
-        document = audit_run(args.run_dir, rules=rules, out=args.out)
+        document = audit_run(args.run_dir, rules=rules, out=args.out, compare_with=args.compare_with)
         for check in findings.rank(document["checks"]):
             print(gate.line(check))
         if args.junit:
