@@ -134,8 +134,10 @@ def _region_check(target: int, candidate, grid, samples: dict, class_count: int,
         fail_from = rules["shortcut_region"]["fail"]
         status = "fail" if fail_from is not None and measure >= fail_from else "warn"
     else:
-        summary = (f"{share}, but the model does not depend on it: {figures}, within "
-                   f"{margin} of the controls. Likely the object's usual place; no action.")
+        summary = (f"{share}, but it is not a mark the model follows: {figures}, within {margin} of the "
+                   "controls" + (" when pasted (removing it takes away the class's own evidence there)"
+                                 if outcome.flip is not None else "") +
+                   ". Likely the object's usual place; no action.")
         status = "pass"
     return Check("shortcut_region", status, target=target, region=region, measure=measure, threshold=threshold,
                  confirmed=outcome.confirmed, keys=[member.key for member in members], keys_total=keys_total,

@@ -13,8 +13,10 @@ answer, and changing another region of the same size does not:
   the share that then flip into the class. Control: content from a random box
   of the same member images pasted at the same place.
 
-The candidate is ``confirmed`` when either effect beats its control by
-``margin``. Images are re-read from the records (``source_file`` /
+The candidate is ``confirmed`` when pasting beats its control by ``margin``
+(see :attr:`Outcome.effect`: removing a box that holds the object itself also
+drops the class, so the drop decides only when there is nothing to paste
+onto). Images are re-read from the records (``source_file`` /
 ``record_index``) through Beam's filesystems and decoded exactly as the run
 decoded them; the changes are made on the model inputs (every preprocessing
 mode is per-channel affine, so a fill or a copy there is one in pixels too).
@@ -55,11 +57,20 @@ class Outcome:
 
     @property
     def effect(self) -> float | None:
-        """The larger of (drop − control) and (flip − control), or None."""
-        effects = [value - control for value, control in ((self.drop, self.drop_control),
-                                                           (self.flip, self.flip_control))
-                   if value is not None and control is not None]
-        return max(effects) if effects else None
+        """The effect that decides: (flip − control) when there were other images to paste onto, else
+        (drop − control); None without either.
+
+        Removing a region that holds the object itself (members whose object
+        happens to sit there) also drops the class's probability, so the drop
+        cannot tell a shortcut from the object. A shortcut is a mark that moves
+        the prediction wherever it is: pasted onto images of other classes, it
+        pulls them into the class (the Clever Hans test).
+        """
+        if self.flip is not None and self.flip_control is not None:
+            return self.flip - self.flip_control
+        if self.drop is not None and self.drop_control is not None:
+            return self.drop - self.drop_control
+        return None
 
 
 def read_images(samples: list, decode_settings) -> dict:
