@@ -197,3 +197,34 @@ def test_records_on_gcs_are_read_in_chunks_of_one_ranged_request_each(remote, gc
     # Beam's default read-ahead would fetch the rest of the file for every chunk (about 3 x the file here)
     assert len(fetched) == 1 + 5
     assert sum(fetched) <= 2 * size + 5
+
+
+def test_a_gated_run_and_audit_on_gcs(remote, gcs_bucket, capsys):
+    """The gate, JUnit XML, rules and `audit RUN_DIR --out` with every path on gs://."""
+    from pipelines.audit import command as audit_command
+    from pipelines.audit import findings
+
+    rules = _upload_text(f"{gcs_bucket}/config/rules.yaml", "unconverged_maps: {warn: 0.0, fail: 0.0}\n")
+    junit = f"{gcs_bucket}/junit/gated.xml"
+    output = f"{gcs_bucket}/gated"
+    assert smoothgrad_audit.main(_args(remote, "gated", "--audit_rules", rules, "--fail_on", "fail",
+                                       "--junit", junit, output=output)) == 3
+    manifest = json.loads(_read(f"{output}/run_id=gated/_MANIFEST.json"))
+    assert manifest["gate"]["tripped"] and manifest["gate"]["failing"] == ["unconverged_maps"]
+    assert b"<failure" in _read(junit) and manifest["rows_written"] == 12
+    # audited again: with the run's own rules the gate trips again; with the defaults (a rules file on gs://
+    # that changes nothing) it does not; the findings are written elsewhere on gs://
+    out = f"{gcs_bucket}/regated"
+    assert audit_command.main([f"{output}/run_id=gated", "--out", out]) == 3
+    defaults = _upload_text(f"{gcs_bucket}/config/defaults.yaml", "{}\n")
+    assert audit_command.main([f"{output}/run_id=gated", "--rules", defaults, "--out", out, "--fail_on", "fail",
+                               "--junit", f"{out}/junit.xml"]) == 0
+    again = findings.read(out)
+    assert [check for check in again["checks"] if check["check"] == "unconverged_maps"][0]["status"] == "pass"
+    assert capsys.readouterr().out.strip().endswith(f"{again['status']} {out}/_FINDINGS.json")
+
+
+def _upload_text(remote_path: str, text: str) -> str:
+    with FileSystems.create(remote_path) as target:
+        target.write(text.encode("utf-8"))
+    return remote_path
