@@ -111,26 +111,23 @@ def read_images(samples: list, decode_settings) -> dict:
 
 
 class Probabilities:
-    """The model's class probabilities (softmax of its pre-softmax scores), in batches."""
+    """The model's class probabilities (softmax of its pre-softmax scores), in batches.
+
+    Run eagerly: a few hundred images per candidate do not repay tracing the
+    model into a graph (about a second for a small CNN, more for a large model).
+    """
 
     def __init__(self, model):
-        import tensorflow as tf
-
         from transforms.engine.scores import score_function
 
-        scores, _ = score_function(model, logits=True)
-        self._function = tf.function(lambda images: tf.nn.softmax(tf.cast(scores(images), tf.float32), axis=-1),
-                                     autograph=False, reduce_retracing=True)
+        self._scores, _ = score_function(model, logits=True)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """``[n, H, W, C]`` → ``[n, classes]``."""
-        parts = []
-        for start in range(0, len(images), _BATCH):
-            batch = images[start:start + _BATCH]
-            count = len(batch)
-            if count < _BATCH:  # padded: one traced shape for every call
-                batch = np.concatenate([batch, np.zeros((_BATCH - count,) + batch.shape[1:], batch.dtype)])
-            parts.append(self._function(batch).numpy()[:count])
+        import tensorflow as tf
+
+        parts = [tf.nn.softmax(tf.cast(self._scores(tf.constant(images[start:start + _BATCH])), tf.float32),
+                               axis=-1).numpy() for start in range(0, len(images), _BATCH)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
