@@ -189,7 +189,7 @@ def test_a_run_whose_gate_trips_writes_everything_and_exits_3(finished, tmp_path
     run_dir = os.path.join(os.path.dirname(finished["run_dir"]), "run_id=gated")
     manifest = json.load(open(os.path.join(run_dir, "_MANIFEST.json")))
     assert manifest["gate"] == {"fail_on": "fail", "status": "fail", "tripped": True,
-                                "failing": ["unconverged_maps"], "junit": junit}
+                                "failing": ["unconverged_maps"], "junit": junit, "junit_error": None}
     assert manifest["rows_written"] == 16 and findings.read(run_dir)["status"] == "fail"
     assert sum(suite.failures for suite in _suites(junit)) == 1
     ours = [line for line in capsys.readouterr().err.splitlines() if " pipelines." in line]

@@ -61,9 +61,16 @@ def record_gate(run_dir: str, document: dict) -> gate.Outcome:
         manifest = json.loads(handle.read().decode("utf-8"))
     config = manifest.get("config") or {}
     outcome = gate.evaluate(document, config.get("fail_on") or "never")
+    junit_error = None
     if config.get("junit"):
-        gate.write_junit(config["junit"], document, outcome.fail_on)
-    manifest["gate"] = dict(outcome.as_dict(), junit=config.get("junit"))
+        try:
+            gate.write_junit(config["junit"], document, outcome.fail_on)
+        except (OSError, IOError, ValueError) as error:  # the corpus and findings stand; say why the XML is missing
+            from transforms.support.errors import one_line
+
+            junit_error = f"{type(error).__name__}: {one_line(error)}"
+            logger.error("Could not write the JUnit XML to %s: %s", config["junit"], junit_error)
+    manifest["gate"] = dict(outcome.as_dict(), junit=config.get("junit"), junit_error=junit_error)
     storage.replace(path, json.dumps(manifest, indent=2).encode("utf-8"))
     return outcome
 
