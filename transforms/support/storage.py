@@ -80,18 +80,34 @@ def replace(path: str, data: bytes) -> str:
     return path
 
 
-def clear_folder(folder: str) -> int:
-    """Deletes every file below ``folder`` (and, locally, the folder itself); returns how many files went.
+def clear_folder(folder: str, keep: tuple[str, ...] = ()) -> int:
+    """Deletes every file below ``folder`` but the names in ``keep``; returns how many files went.
 
-    On an object store the folder's own name is not an object: each file is
-    deleted by name, so no stale shard can survive.
+    ``keep`` holds names directly in ``folder`` (e.g. the run's lock, ``_LOCK.json``). On an
+    object store the folder's own name is not an object: each file is deleted by name, so no
+    stale shard can survive. Locally the emptied sub-folders go too, and the folder itself when
+    nothing is kept.
     """
-    files = files_under(folder)
+    root = folder.rstrip("/")
+    kept = {FileSystems.join(root, name) for name in keep}
+    files = [path for path in files_under(folder) if path not in kept]
     if is_remote(folder):
         if files:
             FileSystems.delete(files)
-    elif os.path.isdir(folder):
+    elif os.path.isdir(folder) and not keep:
         shutil.rmtree(folder)
+    elif os.path.isdir(folder):
+        kept = {os.path.join(folder, name) for name in keep}
+        for parent, folders, names in os.walk(folder, topdown=False):
+            for name in names:
+                if os.path.join(parent, name) not in kept:
+                    os.unlink(os.path.join(parent, name))
+            for name in folders:
+                path = os.path.join(parent, name)
+                if os.path.islink(path):
+                    os.unlink(path)
+                else:
+                    os.rmdir(path)
     return len(files)
 
 
