@@ -11,6 +11,7 @@ import pytest
 from tests import helpers
 
 BUCKET = "smoothgrad-test"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -18,14 +19,16 @@ def gcs_bucket():
     """``gs://<bucket>`` on a local emulator (``gcp-storage-emulator``), for this test session.
 
     The emulator runs in memory on a free localhost port; ``STORAGE_EMULATOR_HOST``
-    points Beam's GCS filesystem at it while the session lasts.
+    points Beam's GCS filesystem at it while the session lasts. It runs with
+    GCS's generation preconditions added (``tests/gcs_emulator.py``), which the
+    run lock relies on.
     """
     port = helpers.free_port()
     environment = {key: value for key, value in os.environ.items() if key != "STORAGE_EMULATOR_HOST"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "localhost", "--port", str(port),
+        [sys.executable, "-m", "tests.gcs_emulator", "start", "--host", "localhost", "--port", str(port),
          "--in-memory", "--default-bucket", BUCKET],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, cwd=REPO)
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     try:
         helpers.wait_for_port(port, process, "the GCS emulator")
