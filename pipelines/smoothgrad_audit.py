@@ -29,7 +29,8 @@ from pipelines.run.baseline import Baseline, expected_device, fingerprint
 from pipelines.run.baseline import resolve as resolve_baseline
 from pipelines.run.command_line import parse_command
 from pipelines.run.config import Config, ConfigError
-from pipelines.run.plan import DEFAULT_RUNNER, Plan, count_inputs, plan, prepare_run_dir
+from pipelines.run.lock import acquire as acquire_lock
+from pipelines.run.plan import DEFAULT_RUNNER, Plan, check_run_dir, count_inputs, plan, prepare_run_dir
 from pipelines.run.validate import check_run
 from transforms.audit.aggregates import AuditAggregates, AuditSettings
 from transforms.write import corpus
@@ -167,7 +168,13 @@ def run(argv=None, save_main_session=True, test_pipeline=None, wait=True):
 
 
 def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeline=None, wait=True):
-    """Runs one audit from a validated :class:`Config` and Beam arguments (see :func:`run` for ``wait``)."""
+    """Runs one audit from a validated :class:`Config` and Beam arguments (see :func:`run` for ``wait``).
+
+    The run folder's lock (:mod:`pipelines.run.lock`) is taken before anything
+    there is deleted or written, and released when the run ends, also when it
+    fails; with ``wait=False``, once the job is submitted. A folder in use is a
+    :class:`ConfigError` naming the holder.
+    """
     started_at = corpus.now_utc()
     # Worker processes this one starts inherit the choice; a worker (this process too) whose TensorFlow was
     # imported with the other library says so when it loads the model, and its device kind records what it used.
@@ -175,6 +182,30 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
     planned = plan(config)
     device = expected_device(beam_args, planned.engine, config.cpu_kernels)
     baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk, device))
+    run_dir, _ = check_run_dir(config)  # changes nothing
+    run_lock = acquire_lock(run_dir, config.run_id, config.overwrite, beam_args)  # before anything there changes
+    try:
+        result = _run_locked(config, beam_args, planned, baseline, device, started_at, save_main_session,
+                             test_pipeline, wait)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+    if not wait:
+        return result
+    manifest = _log_summary(run_dir)
+    outcome = (manifest or {}).get("gate")
+    if outcome:  # the audit's gate, recorded by the Audit step: its line is the run's last
+        message = gate.Outcome(**{key: outcome[key] for key in ("fail_on", "status", "tripped", "failing")}).message()
+        if outcome["tripped"]:
+            logger.error(message)
+            raise GateTripped(message, result)
+        logger.info(message)
+    return result
+
+
+def _run_locked(config: Config, beam_args, planned: Plan, baseline, device, started_at: str, save_main_session,
+                test_pipeline, wait):
+    """Empties the run folder, builds the graph and runs it (the caller holds the folder's lock)."""
     run_dir = prepare_run_dir(config)
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
@@ -189,19 +220,12 @@ def run_config(config: Config, beam_args=(), save_main_session=True, test_pipeli
     try:
         result = pipeline.run()
         if not wait:
-            logger.info("Submitted (not waiting for the job): the corpus and its manifest will be in %s.", run_dir)
+            logger.info("Submitted (not waiting for the job): the corpus and its manifest will be in %s. The "
+                        "run folder's lock is released now: the job itself holds none.", run_dir)
             return result
         result.wait_until_finish()
     finally:
         Progress.finish(run_dir)
-    manifest = _log_summary(run_dir)
-    outcome = (manifest or {}).get("gate")
-    if outcome:  # the audit's gate, recorded by the Audit step: its line is the run's last
-        message = gate.Outcome(**{key: outcome[key] for key in ("fail_on", "status", "tripped", "failing")}).message()
-        if outcome["tripped"]:
-            logger.error(message)
-            raise GateTripped(message, result)
-        logger.info(message)
     return result
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.run.config import Config, ConfigError
+from pipelines.run.lock import LOCK
 from transforms.engine.smoothgrad import SmoothGrad
 from transforms.read.records import count_records
 from transforms.rows import postprocess
@@ -70,15 +71,17 @@ def prepare_run_dir(config: Config) -> str:
     A folder with a manifest is a completed run: refused unless ``overwrite``.
     A folder without one is an interrupted run: cleaned up. Every file below the
     folder is deleted by name, so on an object store (where a folder is only a
-    name prefix) no stale shard survives either.
+    name prefix) no stale shard survives either. The caller holds the folder's
+    lock (:mod:`pipelines.run.lock`) by then, so no other run is writing there;
+    the lock itself is kept.
     """
     run_dir, completed = check_run_dir(config)
-    removed = storage.clear_folder(run_dir)
+    removed = storage.clear_folder(run_dir, keep=(LOCK,))
     if removed:
         logger.info("Removed %d file(s) of %s from %s.", removed,
                     "the completed run (overwrite)" if completed else "an incomplete earlier run", run_dir)
     if not storage.is_remote(run_dir):
-        FileSystems.mkdirs(run_dir)
+        os.makedirs(run_dir, exist_ok=True)  # it holds the lock already
     return run_dir
 
 

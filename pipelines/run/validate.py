@@ -10,7 +10,8 @@ model is loaded:
    then Beam's own option validator;
 2. the input patterns match files, the model loads and every option fits it
    (:func:`pipelines.run.plan.plan`);
-3. the run folder is free (or ``overwrite`` is on) and the baseline resolves;
+3. the run folder is free (or ``overwrite`` is on), no live run holds its lock
+   (read, never taken: :func:`pipelines.run.lock.check`), and the baseline resolves;
 4. one image (the first record of the first input file that decodes, else a
    zero image) explained on the CPU with the run's settings at batch size 1.
 
@@ -202,11 +203,13 @@ def check_run(config: Config, beam_args=()) -> dict:
     """
     from pipelines.run.baseline import expected_device, fingerprint
     from pipelines.run.baseline import resolve as resolve_baseline
+    from pipelines.run.lock import check as check_lock
     from pipelines.run.plan import check_run_dir, count_inputs, plan
 
     runner = check_options(config, beam_args)
     planned = plan(config)
     run_dir, completed = check_run_dir(config)
+    check_lock(run_dir, config.overwrite, beam_args)  # a run now would be refused; no lock is taken
     device = expected_device(beam_args, planned.engine, config.cpu_kernels)
     baseline = resolve_baseline(config, fingerprint(config, planned.info, planned.engine.chunk, device))
     figures = explain_one(config, planned)
