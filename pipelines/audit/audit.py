@@ -32,7 +32,7 @@ from pipelines.audit import findings
 from pipelines.audit import rules as audit_rules
 from pipelines.audit.checks import corpus_checks
 from pipelines.audit.clusters import strategy_clusters
-from pipelines.audit.counterfactual import Probabilities, confirm, read_images
+from pipelines.audit.counterfactual import Probabilities, confirm, read_images, recurrence
 from pipelines.audit.drift import drift_since
 from pipelines.audit.findings import Check
 from pipelines.audit.regions import MAX_OTHER_MAPS, find_candidate
@@ -109,10 +109,14 @@ def _region_check(target: int, candidate, grid, samples: dict, class_count: int,
     member_images = np.array([images[sample.key] for sample in tested if sample.key in images], np.float32)
     other_images = np.array([images[sample.key] for sample in others if sample.key in images], np.float32)
     if len(member_images):
-        outcome = confirm(target, region, member_images, other_images.reshape((-1,) + member_images.shape[1:]),
-                          model.probabilities, seed=seed, margin=margin)
+        other_images = other_images.reshape((-1,) + member_images.shape[1:])
+        outcome = confirm(target, region, member_images, other_images, model.probabilities, seed=seed,
+                          margin=margin)
+        pattern = recurrence(member_images, other_images, region)
+        evidence["recurring"] = {"pixels": pattern.pixels, "area": pattern.area, "members": pattern.members,
+                                 "recurring": pattern.recurring}
     else:
-        outcome = None
+        outcome = pattern = None
     evidence["counterfactual"] = None if outcome is None else {
         "drop": outcome.drop, "drop_control": outcome.drop_control, "flip": outcome.flip,
         "flip_control": outcome.flip_control, "members_tested": outcome.members_tested,
@@ -127,20 +131,32 @@ def _region_check(target: int, candidate, grid, samples: dict, class_count: int,
     figures = (f"removing it drops the class probability by {outcome.drop:.2f} (control {outcome.drop_control:.2f})"
                + (f", pasting it flips {outcome.flip:.0%} of other images into the class (control "
                   f"{outcome.flip_control:.0%})" if outcome.flip is not None else ""))
-    if outcome.confirmed:
-        summary = (f"Shortcut: {share}, which other classes' maps ignore; {figures}. Find what the images carry "
-                   "there (a tag, watermark, ruler, border), then remove or randomise it in the training data, or "
-                   "mask it, and retrain.")
+    same = (f"the members carry the same content at {pattern.pixels} of its {pattern.area} pixels"
+            if pattern.recurring is not None else "")
+    if outcome.confirmed and pattern.recurring:
+        summary = (f"Shortcut: {share}, which other classes' maps ignore; {figures}; {same} (a recurring mark). "
+                   "Find what the images carry there (a tag, watermark, ruler, border), then remove or randomise it "
+                   "in the training data, or mask it, and retrain.")
         fail_from = rules["shortcut_region"]["fail"]
         status = "fail" if fail_from is not None and measure >= fail_from else "warn"
+    elif outcome.confirmed and pattern.recurring is None:
+        summary = (f"{share}, which other classes' maps ignore; {figures}; too few members "
+                   f"({pattern.members}) to tell a recurring mark from the class's objects: look at the keys' images "
+                   "there.")
+        status = "warn"
+    elif outcome.confirmed:
+        summary = (f"{share}; {figures}, but its content varies from image to image (no recurring mark: "
+                   f"{same.replace('carry the same content', 'agree')}): the class's objects sit there. No action.")
+        status = "pass"
     else:
         summary = (f"{share}, but it is not a mark the model follows: {figures}, within {margin} of the "
                    "controls" + (" when pasted (removing it takes away the class's own evidence there)"
                                  if outcome.flip is not None else "") +
                    ". Likely the object's usual place; no action.")
         status = "pass"
+    confirmed = bool(outcome.confirmed and pattern.recurring is not False)  # a varying region is not a mark
     return Check("shortcut_region", status, target=target, region=region, measure=measure, threshold=threshold,
-                 confirmed=outcome.confirmed, keys=[member.key for member in members], keys_total=keys_total,
+                 confirmed=confirmed, keys=[member.key for member in members], keys_total=keys_total,
                  summary=summary), evidence
 
 

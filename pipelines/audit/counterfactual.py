@@ -131,6 +131,56 @@ class Probabilities:
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+#: A pixel belongs to a recurring pattern when its variance over the members is below this share of its
+#: variance over other classes' images (the same content at the same place in the members).
+RECURRING_RATIO = 0.3
+#: A region holds a recurring pattern when at least this many of its pixels do, and this share of them.
+RECURRING_PIXELS = 9
+RECURRING_SHARE = 0.05
+#: Fewer member images than this cannot tell a pattern from chance.
+RECURRING_MEMBERS = 8
+
+
+@dataclasses.dataclass
+class Recurrence:
+    """Whether the members carry the same content in the region (a mark) or not (objects that sit there).
+
+    Attributes:
+        pixels: region pixels whose variance over the members is below :data:`RECURRING_RATIO` of their
+            variance over other classes' images.
+        area: the region's pixels.
+        members: member images compared.
+        recurring: whether the region holds a recurring pattern; None with fewer than
+            :data:`RECURRING_MEMBERS` members or no other image.
+    """
+
+    pixels: int
+    area: int
+    members: int
+    recurring: bool | None
+
+
+def recurrence(members: np.ndarray, others: np.ndarray, box: list) -> Recurrence:
+    """Per pixel of ``box``, the members' variance against other classes' images' variance (channels summed).
+
+    A shortcut is a recurring visual pattern at a fixed place: a tag, a
+    watermark, a ruler. Where it is, the members' pixels hardly vary (the same
+    mark in every image) while other images' pixels vary as usual. A region
+    that holds the class's objects (members whose object happens to sit there)
+    varies at least as much as elsewhere.
+    """
+    y0, x0, y1, x1 = box
+    area = max(0, y1 - y0) * max(0, x1 - x0)
+    if len(members) < RECURRING_MEMBERS or not len(others) or not area:
+        return Recurrence(pixels=0, area=area, members=len(members), recurring=None)
+    member_variance = np.asarray(members, np.float64)[:, y0:y1, x0:x1].var(axis=0).sum(axis=-1)
+    other_variance = np.asarray(others, np.float64)[:, y0:y1, x0:x1].var(axis=0).sum(axis=-1)
+    low = member_variance < RECURRING_RATIO * np.maximum(other_variance, 1e-12)
+    pixels = int(low.sum())
+    return Recurrence(pixels=pixels, area=area, members=len(members),
+                      recurring=pixels >= max(RECURRING_PIXELS, RECURRING_SHARE * area))
+
+
 def fill_from_surroundings(images: np.ndarray, box: list) -> np.ndarray:
     """Copies of ``images`` with ``box`` (``[y0, x0, y1, x1]``, pixels) filled per channel by its frame's median."""
     out = np.array(images, np.float32, copy=True)
