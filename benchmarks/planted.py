@@ -66,22 +66,31 @@ ALERT = ("warn", "fail")
 # global-average-pooling families (strided_gap, residual) go on the gratings:
 # with the default budget they did not learn the shapes (a strided_gap clean
 # twin stayed at chance, 0.24), so a miss there would say nothing of the audit.
+# With full-contrast gratings every model read the orientation alone and
+# ignored the mark (pasting it flipped under 8 %): the gratings variants draw
+# each object with a contrast between GRATINGS_CONTRAST's bounds (every class
+# alike, PlantedSpec.object_contrast), so the mark is the easier evidence on the
+# faint ones. Measured on gratings3-ring-free-cnn_max (planted model only):
+# (0.1, 1) flipped 0.29 (partial) with 0.96 accuracy without marks; (0.05, 0.4)
+# flipped 1.0 but the model never learnt the gratings (0.36, chance 0.33).
+GRATINGS_CONTRAST = (0.05, 0.7)
 VARIANTS = {
     "shapes-patch-tl-cnn_max": dict(task="shapes", mark="patch", place="top-left", shortcut_class=0,
                                     architecture="cnn_max"),
     "gratings-ring-br-strided_gap": dict(task="gratings", mark="ring", place="bottom-right", shortcut_class=2,
-                                         architecture="strided_gap"),
+                                         architecture="strided_gap", object_contrast=GRATINGS_CONTRAST),
     "gratings-barcode-tr-residual": dict(task="gratings", mark="barcode", place="top-right", shortcut_class=1,
-                                         architecture="residual"),
+                                         architecture="residual", object_contrast=GRATINGS_CONTRAST),
     "gratings-glyph-bl-flatten_dense": dict(task="gratings", mark="glyph", place="bottom-left", shortcut_class=3,
-                                            architecture="flatten_dense"),
+                                            architecture="flatten_dense", object_contrast=GRATINGS_CONTRAST),
     "shapes-glyph-free-cnn_max": dict(task="shapes", mark="glyph", place=(20, 40), shortcut_class=3,
                                       architecture="cnn_max"),
     "gratings3-ring-free-cnn_max": dict(task="gratings", classes=3, mark="ring", place=(40, 6), shortcut_class=0,
-                                        architecture="cnn_max"),
+                                        architecture="cnn_max", object_contrast=GRATINGS_CONTRAST),
     "gratings48-barcode-tr-strided_gap-noisy": dict(task="gratings", image_size=48, mark="barcode",
                                                     place="top-right", shortcut_class=1, share=0.6,
-                                                    other_share=0.05, architecture="strided_gap"),
+                                                    other_share=0.05, architecture="strided_gap",
+                                                    object_contrast=GRATINGS_CONTRAST),
 }
 
 
@@ -198,7 +207,8 @@ def run_variant(name: str, options: dict, args) -> dict:
     planted, clean = truths["planted"], truths["clean"]
     row = {"variant": name, "task": spec.task, "classes": spec.classes, "mark": spec.mark,
            "place": planted["mark_place"], "box": planted["box"], "shortcut_class": spec.shortcut_class,
-           "architecture": spec.architecture, "test_accuracy": planted["test_accuracy"],
+           "architecture": spec.architecture, "object_contrast": list(spec.object_contrast),
+           "test_accuracy": planted["test_accuracy"],
            "clean_test_accuracy": clean["test_accuracy"], "flipped_share": planted["reliance"]["flipped_share"],
            "clean_flipped_share": clean["reliance"]["flipped_share"], "reliance": planted["reliance"]["verdict"],
            "accuracy_drop": planted["reliance"]["accuracy_drop"], "planted_test_keys": len(planted["planted_keys"])}

@@ -276,3 +276,29 @@ def test_the_benchmark_scores_findings_by_the_findings_contract():
                                                 {"class": 1, "region": [0, 0, 8, 8], "status": "fail"},
                                                 {"class": 2, "region": [0, 0, 8, 8], "status": "warn"}]
     assert "| variant |" in benchmark.table([{"variant": "v", "found": True, "iou": 0.5}])
+
+
+@pytest.mark.parametrize("task", planted_tasks.TASKS)
+def test_object_contrast_blends_the_object_only_and_the_default_draws_as_before(task):
+    plant = planted_tasks.Plant("patch", planted_marks.mark_box("top-left", 48, 6), shortcut_class=0, share=1.0)
+    full = planted_tasks.draw_planted(example_rng(0, "train", 4), task, 48, 4, plant)
+    same = planted_tasks.draw_planted(example_rng(0, "train", 4), task, 48, 4, plant, object_contrast=(1.0, 1.0))
+    image, mask, label = planted_tasks.draw_task(task, example_rng(0, "train", 4), 48, 4, keep_out=plant.box)
+    np.testing.assert_array_equal(full.clean, image)
+    np.testing.assert_array_equal(same.image, full.image)
+
+    faint, faint_mask, faint_label = planted_tasks.draw_task(task, example_rng(0, "train", 4), 48, 4,
+                                                             keep_out=plant.box, contrast=0.2)
+    assert faint_label == label
+    np.testing.assert_array_equal(faint_mask, mask)
+    if task == "shapes":  # the gratings add pixel noise after the patch: only the shapes keep the background exact
+        np.testing.assert_array_equal(faint[~mask], image[~mask])
+    assert not np.array_equal(faint[mask], image[mask])
+    # Drawn per image from a range: the stream moves on, so the drawings differ from the full-contrast ones.
+    varied = [planted_tasks.draw_planted(example_rng(0, "train", index), task, 48, 4, plant, object_contrast=(0.1, 0.5))
+              for index in range(4)]
+    assert all(example.carries == (example.label == 0) for example in varied)
+    with pytest.raises(ValueError, match="object_contrast"):
+        planted.PlantedSpec(object_contrast=(0.8, 0.2))
+    assert planted.PlantedSpec(object_contrast=[0.2, 1]).parameters()["object_contrast"] == [0.2, 1.0]
+    assert planted._parse_contrast("0.3") == (0.3, 0.3)

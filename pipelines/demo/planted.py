@@ -30,7 +30,8 @@ Command line::
 
     python -m pipelines.demo.planted --out DIR [--task shapes] [--classes 4] [--image-size 64]
         [--mark patch] [--place top-left | --place Y,X] [--shortcut-class 0] [--share 0.8]
-        [--architecture cnn_max] [--train 6000] [--test 256] [--epochs 8] [--seed 0] [--twins planted,clean]
+        [--architecture cnn_max] [--train 6000] [--test 256] [--epochs 8] [--seed 0] [--object-contrast 1,1]
+        [--twins planted,clean]
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ TWINS = ("planted", "clean")
 # Below this accuracy on unmarked test images the ground truth says the model did not learn the task.
 LOW_ACCURACY = 0.8
 # Bump when the drawing, the marks or the training change, so cached folders are rebuilt.
-VERSION = 1
+# 2: PlantedSpec.object_contrast (objects blended into the background, drawn per image).
+VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,15 @@ class PlantedSpec:
         architecture: one of :data:`pipelines.demo.planted_models.ARCHITECTURES`.
         epochs: training epochs.
         seed: seed of the images, the mark decisions and the training.
+        object_contrast: ``(low, high)``, 0 to 1: every image's object (of
+            every class alike) is drawn with a contrast against the background
+            drawn uniformly between them, a share of its full contrast
+            (:func:`pipelines.demo.planted_tasks.draw_planted`). The default
+            ``(1, 1)`` draws every object at full contrast; a lower ``low``
+            makes some objects hard to see, so that the mark, where it is,
+            becomes the easier evidence and a model learns to rely on it (with
+            full-contrast gratings a model reads the orientation alone and
+            ignores the mark).
     """
 
     task: str = "shapes"
@@ -97,6 +108,7 @@ class PlantedSpec:
     architecture: str = "cnn_max"
     epochs: int = 8
     seed: int = 0
+    object_contrast: tuple = (1.0, 1.0)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -109,6 +121,11 @@ class PlantedSpec:
             raise ValueError(f"'architecture' must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}.")
         if self.train < 1 or self.test < 1 or self.epochs < 1:
             raise ValueError(f"'train', 'test' and 'epochs' must be >= 1; got {self.train}, {self.test}, {self.epochs}.")
+        contrast = tuple(float(value) for value in self.object_contrast)
+        if len(contrast) != 2 or not 0.0 <= contrast[0] <= contrast[1] <= 1.0:
+            raise ValueError(f"'object_contrast' must be (low, high) with 0 <= low <= high <= 1; "
+                             f"got {self.object_contrast!r}.")
+        object.__setattr__(self, "object_contrast", contrast)
         self.plant()  # checks the mark, its place and the shares
 
     @property
@@ -125,6 +142,7 @@ class PlantedSpec:
         """The variant as JSON values (with the generator's version): a cached folder is reused only when they match."""
         values = dataclasses.asdict(self)
         values["place"] = self.place if isinstance(self.place, str) else [int(value) for value in self.place]
+        values["object_contrast"] = list(self.object_contrast)
         return {**values, "mark_size": self.size_of_mark, "version": VERSION}
 
 
@@ -145,8 +163,8 @@ def draw_split(spec: PlantedSpec, split: str, count: int) -> dict[str, np.ndarra
         "mask": bool [N, S, S], "label": int64 [N], "carries": bool [N], "id": list of str}``.
     """
     plant = spec.plant()
-    drawn = [draw_planted(example_rng(spec.seed, split, index), spec.task, spec.image_size, spec.classes, plant)
-             for index in range(count)]
+    drawn = [draw_planted(example_rng(spec.seed, split, index), spec.task, spec.image_size, spec.classes, plant,
+                          spec.object_contrast) for index in range(count)]
     return {"image": np.stack([example.image for example in drawn]),
             "clean": np.stack([example.clean for example in drawn]),
             "mask": np.stack([example.mask for example in drawn]),
@@ -307,9 +325,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--architecture", choices=ARCHITECTURES, default=defaults.architecture)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--object-contrast", default="1,1",
+                        help="LOW,HIGH (or one value): each object's contrast against the background, drawn per "
+                             "image between them, 0 to 1 (default: %(default)s, full contrast)")
     parser.add_argument("--twins", default=",".join(TWINS), help="which to make: planted, clean or both")
     parser.add_argument("--force", action="store_true", help="remake even if the folders are up to date")
     return parser
+
+
+def _parse_contrast(text: str) -> tuple[float, float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"'--object-contrast' is LOW,HIGH or one value; got {text!r}.") from None
+    if len(values) not in (1, 2):
+        raise ValueError(f"'--object-contrast' is LOW,HIGH or one value; got {text!r}.")
+    return (values[0], values[-1])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -321,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         spec = PlantedSpec(task=args.task, classes=args.classes, image_size=args.image_size, train=args.train,
                            test=args.test, mark=args.mark, place=parse_place(args.place), mark_size=args.mark_size,
                            shortcut_class=args.shortcut_class, share=args.share, other_share=args.other_share,
-                           architecture=args.architecture, epochs=args.epochs, seed=args.seed)
+                           architecture=args.architecture, epochs=args.epochs, seed=args.seed,
+                           object_contrast=_parse_contrast(args.object_contrast))
         results = make_planted(spec, args.out, [twin.strip() for twin in args.twins.split(",") if twin.strip()],
                                force=args.force)
     except ValueError as error:

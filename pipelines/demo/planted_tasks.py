@@ -16,6 +16,14 @@ random stream, whether it carries the shortcut mark (:class:`Plant`). The
 object always stays off the mark's box, in the planted set and its clean twin
 alike, so the two differ only inside the box and the mark never hides the
 object.
+
+Both tasks take a ``contrast``: the share of the object's full contrast
+against the background it is drawn with (1: as drawn; 0.2: blended four
+fifths into the background under it). Drawn per image from a range
+(:func:`draw_planted`'s ``object_contrast``), it makes some objects hard to
+see in every class alike, as in real photographs, so a model trained on the
+planted set has a reason to use the mark; the default ``(1, 1)`` draws no
+extra random number, so the demo's images do not change.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import math
 
 import numpy as np
 
-from pipelines.demo.demo_drawing import SHAPE_NAMES, draw_example
+from pipelines.demo.demo_drawing import SHAPE_NAMES, draw_example, draw_layers
 from pipelines.demo.planted_marks import MARK_KINDS, apply_mark, boxes_touch
 
 TASKS = ("shapes", "gratings")
@@ -88,8 +96,13 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, size=3).astype(np.float64)
 
 
+def _check_contrast(contrast: float) -> None:
+    if not 0.0 <= contrast <= 1.0:
+        raise ValueError(f"'contrast' must be between 0 and 1; got {contrast!r}.")
+
+
 def draw_grating(rng: np.random.Generator, image_size: int = 64, classes: int = 4,
-                 keep_out=None) -> tuple[np.ndarray, np.ndarray, int]:
+                 keep_out=None, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
     """One grating example: ``(image uint8 [S, S, 3], patch mask bool [S, S], label)``.
 
     Args:
@@ -97,10 +110,12 @@ def draw_grating(rng: np.random.Generator, image_size: int = 64, classes: int = 
         image_size: side ``S`` of the square image, at least 32.
         classes: number of orientations, ``180 / classes`` degrees apart (2 to 8).
         keep_out: a ``(y0, x0, y1, x1)`` box the patch stays a pixel away from, or None.
+        contrast: the share of the grating's contrast against the background (1: the grating replaces it).
 
     Returns:
         The image, the patch's pixels and the orientation class.
     """
+    _check_contrast(contrast)
     if image_size < 32:
         raise ValueError(f"'image_size' must be >= 32; got {image_size!r}.")
     size = image_size
@@ -142,13 +157,26 @@ def draw_grating(rng: np.random.Generator, image_size: int = 64, classes: int = 
     while np.abs(first - second).max() < 96:  # enough contrast between the stripes
         second = _colour(rng)
     grating = first * (1 - wave[..., None]) + second * wave[..., None]
-    canvas[mask] = grating[mask]
+    if contrast == 1.0:
+        canvas[mask] = grating[mask]
+    else:
+        canvas[mask] = canvas[mask] * (1.0 - contrast) + grating[mask] * contrast
     canvas += rng.normal(0.0, rng.uniform(4.0, 10.0), size=canvas.shape)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), mask, label
 
 
+def _draw_shape(rng: np.random.Generator, image_size: int, classes: int, keep_out,
+                contrast: float) -> tuple[np.ndarray, np.ndarray, int]:
+    if contrast == 1.0:
+        return draw_example(rng, image_size, classes=classes, keep_out=keep_out)
+    layers = draw_layers(rng, image_size, classes=classes, keep_out=keep_out)
+    image = layers.background.astype(np.float64)
+    image[layers.mask] = image[layers.mask] * (1.0 - contrast) + layers.colour.astype(np.float64) * contrast
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), layers.mask, layers.label
+
+
 def draw_task(task: str, rng: np.random.Generator, image_size: int, classes: int,
-              keep_out=None) -> tuple[np.ndarray, np.ndarray, int]:
+              keep_out=None, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
     """One example of ``task``: ``(image uint8 [S, S, 3], object mask bool [S, S], label)``.
 
     Args:
@@ -157,20 +185,23 @@ def draw_task(task: str, rng: np.random.Generator, image_size: int, classes: int
         image_size: side of the square image, at least 32.
         classes: number of classes, 2 to :data:`MAX_CLASSES`.
         keep_out: a box the object stays off, or None.
+        contrast: the share of the object's full contrast against the background it is drawn with, 0 to 1.
 
     Returns:
         The image, the object's pixels and the class.
     """
     if not 2 <= classes <= MAX_CLASSES:
         raise ValueError(f"'classes' must be between 2 and {MAX_CLASSES}; got {classes!r}.")
+    _check_contrast(contrast)
     if task == "shapes":
-        return draw_example(rng, image_size, classes=classes, keep_out=keep_out)
+        return _draw_shape(rng, image_size, classes, keep_out, contrast)
     if task == "gratings":
-        return draw_grating(rng, image_size, classes, keep_out)
+        return draw_grating(rng, image_size, classes, keep_out, contrast)
     raise ValueError(f"'task' must be one of {', '.join(TASKS)}; got {task!r}.")
 
 
-def draw_planted(rng: np.random.Generator, task: str, image_size: int, classes: int, plant: Plant) -> PlantedExample:
+def draw_planted(rng: np.random.Generator, task: str, image_size: int, classes: int, plant: Plant,
+                 object_contrast=(1.0, 1.0)) -> PlantedExample:
     """One example of ``task`` and whether it carries the mark of ``plant``.
 
     The example is drawn first (off the mark's box), then one uniform number
@@ -182,11 +213,18 @@ def draw_planted(rng: np.random.Generator, task: str, image_size: int, classes: 
         image_size: side of the square image.
         classes: number of classes.
         plant: the mark, its box and shares.
+        object_contrast: ``(low, high)``: the object's contrast (see the module
+            docstring) is drawn uniformly between them, first, for every class
+            alike; with ``low == high`` nothing is drawn.
 
     Returns:
         A :class:`PlantedExample`.
     """
-    image, mask, label = draw_task(task, rng, image_size, classes, keep_out=plant.box)
+    low, high = (float(value) for value in object_contrast)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"'object_contrast' must be (low, high) with 0 <= low <= high <= 1; got {object_contrast!r}.")
+    contrast = float(rng.uniform(low, high)) if low < high else low
+    image, mask, label = draw_task(task, rng, image_size, classes, keep_out=plant.box, contrast=contrast)
     share = plant.share if label == plant.shortcut_class else plant.other_share
     carries = bool(rng.uniform() < share)
     marked = apply_mark(image, plant.kind, plant.box) if carries else image
