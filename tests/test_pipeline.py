@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines import smoothgrad_audit
+from transforms.engine.device import cpu_kernels_in_effect
 from pipelines.run.config import ConfigError
 from tests import helpers
 from transforms.engine.smoothgrad import SmoothGrad
@@ -28,10 +29,12 @@ def dataset(tmp_path_factory):
 
 
 def _run(dataset, run_id, *extra):
+    """A run; its worker processes (if any) use the kernel library this process loaded, as in-process runs do."""
     output = str(dataset["folder"] / "out")
+    kernels = [] if "--cpu_kernels" in extra else ["--cpu_kernels", cpu_kernels_in_effect()]
     result = smoothgrad_audit.run(["--input", dataset["pattern"], "--output", output, "--model", dataset["model"],
                                    "--run_id", run_id, "--samples", "4", "--noise", "0.2", "--batch_size", "4",
-                                   *extra])
+                                   *kernels, *extra])
     run_dir = os.path.join(output, f"run_id={run_id}")
     with open(os.path.join(run_dir, "_MANIFEST.json")) as handle:
         manifest = json.load(handle)

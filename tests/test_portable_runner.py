@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import smoothgrad_audit
+from transforms.engine.device import cpu_kernels_in_effect
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +32,9 @@ def _environment() -> dict:
     environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, environment.get("PYTHONPATH")]))
     environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # External workers import TensorFlow before they see the job's options: they start with the kernel library
+    # this process computes with (an earlier in-process run may have exported the other one for its children).
+    environment["TF_ENABLE_ONEDNN_OPTS"] = "1" if cpu_kernels_in_effect() == "onednn" else "0"
     return environment
 
 
@@ -101,7 +105,9 @@ def _cli(argv, cwd) -> subprocess.CompletedProcess:
 def test_portable_runner_with_external_workers_equals_the_in_process_runner(services, tmp_path):
     paths = helpers.write_image_dataset(str(tmp_path / "data"), files=2, per_file=5, size=16, classes=3)
     model = helpers.save_tiny_cnn(str(tmp_path), size=16, classes=3)
-    common = ["--input", str(tmp_path / "data" / "*.tfrecord"), "--model", model, "--run_id", "audit", *SETTINGS]
+    # the in-process run computes with the kernel library this process loaded: the workers use the same one
+    common = ["--input", str(tmp_path / "data" / "*.tfrecord"), "--model", model, "--run_id", "audit", *SETTINGS,
+              "--cpu_kernels", cpu_kernels_in_effect()]
     smoothgrad_audit.run([*common, "--output", str(tmp_path / "in-process")])
     reference_manifest, reference = _read(tmp_path / "in-process" / "run_id=audit")
 
