@@ -169,7 +169,10 @@ class Partial:
         predicted: the clean top-1 class.
         noise_sigma: the σ of the image.
         maps: ``[K, ...]`` the map after ``samples`` samples.
-        reliability: ``[K]`` the split-half reliability after ``samples`` samples.
+        reliability: ``[K]`` the split-half reliability after ``samples`` samples
+            (the ``reliability`` column).
+        stopping: ``[K]`` the split-half r the stopping rule reads
+            (:func:`transforms.engine.statistics.stopping_reliability`).
         done: whether the image stops here (converged, or the last stage).
     """
 
@@ -182,6 +185,7 @@ class Partial:
     noise_sigma: float
     maps: np.ndarray
     reliability: np.ndarray
+    stopping: np.ndarray | None = None
     done: bool = False
 
     @property
