@@ -1,9 +1,9 @@
 """A zoo of small models of different families, trained on the project's generated tasks, for calibrating ``samples: auto``.
 
-Saliency maps differ by family: a global **max** pooling head makes each noisy
-gradient sparse (only the positions that win the max get gradient), a
-Flatten + Dense head gives every position its own weights, attention mixes
-all patches. A stopping rule tuned on one family must be tested on the
+Saliency maps differ by family: a global **max** pooling head on a small
+receptive field makes each noisy gradient sparse (only the window that wins
+the max gets gradient), a Flatten + Dense head gives every position its own
+weights, attention mixes all patches. A stopping rule tuned on one family must be tested on the
 others, so each family here is left out in turn by ``benchmarks/adaptive.py``.
 
 =============  =========  =====================================================
@@ -12,9 +12,11 @@ family         task       model
 gap            gratings   the model of ``benchmarks/second_task.py`` (strided
                           convolutions, batch norm, global average pooling),
                           reused from its cache
-gmp            shapes     ``cnn_max``: the demo's CNN (batch norm, max pooling,
-                          global max pooling)
-flatten_dense  shapes     ``flatten_dense``: conv + max pooling, Flatten, Dense
+gmp            gratings   ``conv3_max``: three 3x3 convolutions, global max
+                          pooling (each noisy gradient reaches one 7x7 window)
+demo_cnn       shapes     ``cnn_max``: the demo's CNN (batch norm, max pooling
+                          between stages, global max pooling)
+flatten_dense  gratings   ``flatten_dense``: conv + max pooling, Flatten, Dense
 residual       gratings   ``residual``: a small ResNet with batch norm, GAP
 separable      gratings   ``separable``: MobileNet-like depthwise-separable
 attention      gratings   ``attention``: ViT-like, 8x8 patches, two blocks
@@ -53,14 +55,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache" / "zoo"
-#: family -> (task, architecture, learning rate); ``gap`` is ``second_task``'s model.
+#: family -> (task, architecture, learning rate, training images, epochs); ``gap`` is ``second_task``'s model.
 FAMILIES = {
-    "gap": ("gratings", "strided_gap", 3e-3),
-    "gmp": ("shapes", "cnn_max", 3e-3),
-    "flatten_dense": ("shapes", "flatten_dense", 1e-3),
-    "residual": ("gratings", "residual", 3e-3),
-    "separable": ("gratings", "separable", 3e-3),
-    "attention": ("gratings", "attention", 1e-3),
+    "gap": ("gratings", "strided_gap", 3e-3, 6000, 8),
+    "gmp": ("gratings", "conv3_max", 3e-3, 3000, 5),
+    "demo_cnn": ("shapes", "cnn_max", 3e-3, 4000, 6),
+    "flatten_dense": ("gratings", "flatten_dense", 1e-3, 6000, 8),
+    "residual": ("gratings", "residual", 3e-3, 4000, 6),
+    "separable": ("gratings", "separable", 3e-3, 4000, 6),
+    "attention": ("gratings", "attention", 2e-3, 6000, 12),
 }
 CLASSES, IMAGE_SIZE = 4, 64
 # Bump when the drawing or the training changes, so an old cache is rebuilt.
@@ -77,7 +80,7 @@ def draw_split(task: str, split: str, count: int, seed: int = 0) -> dict:
             "keys": np.array([f"zoo-{split}-{index:06d}" for index in range(count)])}
 
 
-def ensure(family: str, train_count: int = 4000, test_count: int = 128, epochs: int = 6, seed: int = 0) -> dict:
+def ensure(family: str, test_count: int = 128, seed: int = 0) -> dict:
     """The family's card, after training it if its cache is missing or stale."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
@@ -85,7 +88,7 @@ def ensure(family: str, train_count: int = 4000, test_count: int = 128, epochs: 
         import second_task
 
         return second_task.ensure()
-    task, architecture, learning_rate = FAMILIES[family]
+    task, architecture, learning_rate, train_count, epochs = FAMILIES[family]
     wanted = {"version": VERSION, "family": family, "task": task, "architecture": architecture, "seed": seed,
               "train_count": train_count, "test_count": test_count, "epochs": epochs, "learning_rate": learning_rate}
     folder = CACHE / family

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("cnn_max", "strided_gap", "residual", "flatten_dense")
 #: Two more families, for the model zoo of the adaptive-samples calibration (``benchmarks/model_zoo.py``).
-MORE_ARCHITECTURES = ("separable", "attention")
+MORE_ARCHITECTURES = ("conv3_max", "separable", "attention")
 # A model relies on the mark when pasting it flips at least this share of the
 # other classes' images into the shortcut class (``partial`` from the second).
 RELIANCE_STRONG, RELIANCE_PARTIAL = 0.5, 0.1
@@ -86,6 +86,18 @@ def _flatten_dense(keras, image_size: int, classes: int):
     return keras.Model(inputs, outputs, name="planted_flatten_dense")
 
 
+def _conv3_max(keras, image_size: int, classes: int):
+    """Three 3x3 convolutions (no pooling between), global **max** pooling: each class score has one 7x7 window."""
+    layers = keras.layers
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = inputs
+    for stage, filters in enumerate((16, 32, 32), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{stage}")(x)
+    x = layers.GlobalMaxPooling2D(name="global_max_pool")(x)
+    outputs = layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="zoo_conv3_max")
+
+
 def _separable(keras, image_size: int, classes: int):
     """MobileNet-like: a strided stem, four depthwise-separable blocks (3x3 depthwise, 1x1 pointwise, BN, ReLU6), GAP."""
     layers = keras.layers
@@ -131,8 +143,9 @@ def build_planted_model(architecture: str, image_size: int, classes: int):
             convolutions, batch norm, global average pooling), ``residual`` (a
             small ResNet with global average pooling) or ``flatten_dense``
             (convolutions and max pooling, then Flatten and a Dense head); or
-            one of :data:`MORE_ARCHITECTURES`: ``separable`` (MobileNet-like)
-            or ``attention`` (ViT-like).
+            one of :data:`MORE_ARCHITECTURES`: ``conv3_max`` (three 3x3
+            convolutions, global max pooling: sparse gradients), ``separable``
+            (MobileNet-like) or ``attention`` (ViT-like).
         image_size: side of the square RGB input.
         classes: number of output classes.
 
@@ -144,7 +157,7 @@ def build_planted_model(architecture: str, image_size: int, classes: int):
     if architecture == "cnn_max":
         return build_demo_model(image_size, classes)
     builders = {"strided_gap": _strided_gap, "residual": _residual, "flatten_dense": _flatten_dense,
-                "separable": _separable, "attention": _attention}
+                "conv3_max": _conv3_max, "separable": _separable, "attention": _attention}
     if architecture not in builders:
         raise ValueError(f"'architecture' must be one of {', '.join(ARCHITECTURES + MORE_ARCHITECTURES)}; "
                          f"got {architecture!r}.")
