@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--zoo", help="leave-one-family-out on these zoo families (comma-separated, or all)")
     parser.add_argument("--zoo-images", type=int, default=64)
     parser.add_argument("--zoo-reference", type=int, default=512)
-    parser.add_argument("--fit-share", type=float, default=0.93, help="share each fitting family must reach")
+    parser.add_argument("--fit-share", type=float, default=0.96, help="share each fitting family must reach")
     args = parser.parse_args()
     import transforms.engine.adaptive
 
