@@ -294,3 +294,17 @@ def test_the_stopping_estimate_equals_the_reliability_without_ties_and_is_fixed(
     assert np.isnan(stopping_correlation(np.zeros(16), rng.normal(size=16)))
     np.testing.assert_array_equal(np.sort(tie_order(100, 3)), np.sort(tie_order(100, 3)))
     assert not np.array_equal(tie_order(100, 0).argsort(), tie_order(100, 1).argsort())
+
+
+def test_the_report_states_the_estimated_share_of_maps_that_reached_the_target():
+    from types import SimpleNamespace
+
+    from pipelines.report.report import summary
+    from transforms.write.corpus import samples_distribution
+
+    used = dict(samples_distribution({8: 2, 12: 1, 64: 1}), reached_target_before_max=0.75)
+    facts = dict(summary(SimpleNamespace(manifest={"samples_used": used}, run_id="r", path="p"))["run"])
+    assert facts["samples: auto"].startswith("23.0 samples per map on average; 75.0 % of maps reached the target")
+    fixed = dict(summary(SimpleNamespace(manifest={"samples_used": samples_distribution({20: 4})}, run_id="r",
+                                         path="p"))["run"])
+    assert "samples: auto" not in fixed
