@@ -33,7 +33,9 @@ with the engine's own stages, fitted by ``benchmarks/adaptive_rules.py``):
 per family left out, the margin C fitted on the other families, the held-out
 family's mean samples, its share of maps within ``--target`` of a
 ``--zoo-reference`` (512) sample reference, the smallest fixed N of the stage
-grid reaching that share and the ratio. ``--models ""`` runs the zoo part only.
+grid reaching that share and the ratio. ``--models ""`` runs the zoo part only;
+``--zoo-engine`` also runs ``SmoothGrad(samples="auto")`` itself on each family
+and compares its ``samples_used`` with the rule simulated at the engine's C.
 
 Example (from the repository root; about 10-15 minutes on 2 CPU cores)::
 
@@ -190,7 +192,27 @@ def zoo(args) -> None:
         out["estimates"][kind] = rows
         print(f"\nestimate {kind!r}, left out in turn ({args.zoo_images} images per family, "
               f"{args.zoo_reference}-sample reference):\n{table}", flush=True)
+    if args.zoo_engine:
+        out["engine_runs"] = {family: engine_check(family, data[family], args) for family in families}
     Path(ROOT / "benchmarks" / "adaptive_zoo.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def engine_check(family: str, fam: dict, args) -> dict:
+    """The real engine's auto run on a zoo family against the rule simulated on its stage maps (the engine's C)."""
+    import adaptive_rules
+    import model_zoo
+    import transforms.engine.adaptive
+    from transforms.engine.smoothgrad import SmoothGrad
+
+    model, images, keys = model_zoo.load(family, args.zoo_images)
+    result = SmoothGrad(model, samples="auto", noise=0.1, batch_size=16, jit="graph")(images, keys)
+    used, ok = adaptive_rules.simulate(fam, "engine", transforms.engine.adaptive.MARGIN, args.target)
+    row = {"mean_samples": round(float(result.samples_used.mean()), 2),
+           "simulated_mean_samples": round(float(used.mean()), 2),
+           "images_with_other_samples_used": int(np.sum(result.samples_used != used)),
+           "simulated_share": round(float(ok.mean()), 4)}
+    print(f"{family}: engine auto run {row}", flush=True)
+    return row
 
 
 def main() -> None:
@@ -211,6 +233,8 @@ def main() -> None:
     parser.add_argument("--zoo-images", type=int, default=64)
     parser.add_argument("--zoo-reference", type=int, default=512)
     parser.add_argument("--fit-share", type=float, default=0.96, help="share each fitting family must reach")
+    parser.add_argument("--zoo-engine", action="store_true",
+                        help="also run the real engine (samples=auto) on each zoo family and compare")
     args = parser.parse_args()
     import transforms.engine.adaptive
 
