@@ -27,10 +27,21 @@ default is the engine's own margin. All explainers use ``noise=0.1``
 (absolute), ``batch_size=16``, ``jit="graph"``. The JSON goes to ``--out``
 (``benchmarks/adaptive.json``).
 
+``--zoo`` adds the **leave-one-family-out** validation on the model zoo
+(``benchmarks/model_zoo.py``; arrays measured by ``benchmarks/adaptive_zoo.py``
+with the engine's own stages, fitted by ``benchmarks/adaptive_rules.py``):
+per family left out, the margin C fitted on the other families, the held-out
+family's mean samples, its share of maps within ``--target`` of a
+``--zoo-reference`` (512) sample reference, the smallest fixed N of the stage
+grid reaching that share and the ratio. ``--models ""`` runs the zoo part only;
+``--zoo-engine`` also runs ``SmoothGrad(samples="auto")`` itself on each family
+and compares its ``samples_used`` with the rule simulated at the engine's C.
+
 Example (from the repository root; about 10-15 minutes on 2 CPU cores)::
 
     python benchmarks/second_task.py
     python benchmarks/adaptive.py --margins 0.16,0.26
+    python benchmarks/adaptive.py --models "" --zoo all
 """
 
 from __future__ import annotations
@@ -167,6 +178,43 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def zoo(args) -> None:
+    """Prints (and writes to ``benchmarks/adaptive_zoo.json``) the leave-one-family-out tables."""
+    import adaptive_rules
+    import model_zoo
+
+    families = list(model_zoo.FAMILIES) if args.zoo == "all" else args.zoo.split(",")
+    data = adaptive_rules.prepare(families, args.zoo_images, args.zoo_reference)
+    out = {"settings": {"images": args.zoo_images, "reference": args.zoo_reference, "target": args.target,
+                        "fit_share": args.fit_share, "max_samples": adaptive_rules.MAX_SAMPLES}, "estimates": {}}
+    for kind in ("all", "engine"):
+        table, rows = adaptive_rules.leave_one_out_markdown(data, kind, args.target, args.fit_share)
+        out["estimates"][kind] = rows
+        print(f"\nestimate {kind!r}, left out in turn ({args.zoo_images} images per family, "
+              f"{args.zoo_reference}-sample reference):\n{table}", flush=True)
+    if args.zoo_engine:
+        out["engine_runs"] = {family: engine_check(family, data[family], args) for family in families}
+    Path(ROOT / "benchmarks" / "adaptive_zoo.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def engine_check(family: str, fam: dict, args) -> dict:
+    """The real engine's auto run on a zoo family against the rule simulated on its stage maps (the engine's C)."""
+    import adaptive_rules
+    import model_zoo
+    import transforms.engine.adaptive
+    from transforms.engine.smoothgrad import SmoothGrad
+
+    model, images, keys = model_zoo.load(family, args.zoo_images)
+    result = SmoothGrad(model, samples="auto", noise=0.1, batch_size=16, jit="graph")(images, keys)
+    used, ok = adaptive_rules.simulate(fam, "engine", transforms.engine.adaptive.MARGIN, args.target)
+    row = {"mean_samples": round(float(result.samples_used.mean()), 2),
+           "simulated_mean_samples": round(float(used.mean()), 2),
+           "images_with_other_samples_used": int(np.sum(result.samples_used != used)),
+           "simulated_share": round(float(ok.mean()), 4)}
+    print(f"{family}: engine auto run {row}", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo,second")
@@ -181,8 +229,19 @@ def main() -> None:
     parser.add_argument("--check-keys", type=int, default=4)
     parser.add_argument("--demo-data", default=str(ROOT / "demo_data"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "adaptive.json"))
+    parser.add_argument("--zoo", help="leave-one-family-out on these zoo families (comma-separated, or all)")
+    parser.add_argument("--zoo-images", type=int, default=64)
+    parser.add_argument("--zoo-reference", type=int, default=512)
+    parser.add_argument("--fit-share", type=float, default=0.96, help="share each fitting family must reach")
+    parser.add_argument("--zoo-engine", action="store_true",
+                        help="also run the real engine (samples=auto) on each zoo family and compare")
     args = parser.parse_args()
     import transforms.engine.adaptive
+
+    if args.zoo:
+        zoo(args)
+    if not args.models:
+        return
 
     margins = [float(value) for value in args.margins.split(",")] if args.margins else [transforms.engine.adaptive.MARGIN]
     results = {name: run_model(name, args, margins) for name in args.models.split(",")}

@@ -18,6 +18,8 @@ from transforms.decode.decode import Example
 from transforms.explain.explain import Explained, ExplainSettings
 from transforms.explain.explain_stages import ResumeStage
 from transforms.engine.smoothgrad import VARIANTS, SmoothGrad
+from transforms.engine.statistics import (rank_correlation, stopping_correlation, stopping_reliability,
+                                          tie_order)
 
 SIZE = 16
 COMMON = dict(batch_size=4, jit="graph", min_samples=4, max_samples=16)
@@ -72,7 +74,7 @@ def test_topk_with_xla_stops_an_image_only_when_every_map_converged(model, image
     rule = adaptive.adaptive
     for row, samples in enumerate(result.samples_used):
         if samples < rule.max_samples:
-            assert np.all(estimate(result.reliability[row]) >= rule.threshold(samples))
+            assert np.all(estimate(result.stopping[row]) >= rule.threshold(samples))
 
 
 def test_an_image_stops_at_the_first_stage_whose_estimate_reaches_the_threshold(model, images):
@@ -82,9 +84,10 @@ def test_an_image_stops_at_the_first_stage_whose_estimate_reaches_the_threshold(
     rule = adaptive.adaptive
     expected = np.full(len(keys), rule.max_samples)
     stopped = np.zeros(len(keys), bool)
-    for samples in rule.boundaries:  # the rule applied to fixed runs of every stage's length
-        fixed = _fixed(model, pixels, keys, samples, adaptive)
-        reached = ~stopped & (estimate(fixed.reliability) >= rule.threshold(samples))
+    for samples in rule.boundaries:  # the rule applied to one-stage runs of every stage's length
+        one_stage = SmoothGrad(model, samples="auto", target_reliability=0.97,
+                               **dict(COMMON, min_samples=samples, max_samples=samples))(pixels, keys)
+        reached = ~stopped & (estimate(one_stage.stopping) >= rule.threshold(samples))
         expected[reached], stopped = samples, stopped | reached
     np.testing.assert_array_equal(result.samples_used, expected)
 
@@ -250,3 +253,58 @@ def test_an_unreachable_target_stops_every_image_at_max_samples(tmp_path):
     _, table, manifest = _run(tmp_path, "--target_reliability", "0.9999", "--min_samples", "4", "--max_samples", "8")
     assert set(table.column("samples_used").to_pylist()) == {8}
     assert manifest["samples_used"]["reached_target_before_max"] == 0.0 and manifest["invariant_holds"]
+
+
+def _sparse_samples(rng, samples, size=4096):
+    """Noisy gradient magnitudes ``[samples, size]`` of a sparse map, and its converged map.
+
+    Each sample reaches pixel i with probability p_i (most pixels rarely, as
+    behind a global max pooling head); where it does, the value is about m_i.
+    The converged map is p_i * m_i times a constant.
+    """
+    reach, magnitude = rng.beta(0.3, 3.0, size), rng.lognormal(0.0, 0.7, size)
+    reached = rng.random((samples, size)) < reach
+    return reached * magnitude * np.abs(1 + 0.8 * rng.normal(size=(samples, size))), reach * magnitude
+
+
+def test_the_stopping_estimate_does_not_count_pixels_zero_in_both_halves_as_agreement():
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        samples, converged = _sparse_samples(rng, 16)
+        even, odd = samples[0::2].mean(0), samples[1::2].mean(0)
+        assert np.mean((even == 0) & (odd == 0)) > 0.4  # many pixels no sample reached
+        truth = rank_correlation(samples.mean(0), converged)
+        with_ties = float(estimate(rank_correlation(even, odd)))
+        stopping = float(estimate(stopping_correlation(even, odd)))
+        assert with_ties > truth + 0.04  # the shared zeros look like agreement: optimistic
+        assert stopping <= truth + 0.01 and abs(stopping - truth) < abs(with_ties - truth) / 2
+
+
+def test_the_stopping_estimate_equals_the_reliability_without_ties_and_is_fixed():
+    rng = np.random.default_rng(1)
+    even, odd = rng.normal(size=(2, 32, 32))
+    assert stopping_correlation(even, odd) == pytest.approx(rank_correlation(even, odd), abs=1e-12)
+    samples, _ = _sparse_samples(rng, 8, size=1024)
+    sparse_even, sparse_odd = samples[0::2].mean(0), samples[1::2].mean(0)
+    first = stopping_correlation(sparse_even, sparse_odd)
+    assert stopping_correlation(sparse_even.copy(), sparse_odd.copy()) == first  # no random state
+    batch = stopping_reliability(np.stack([even.ravel()[:1024], sparse_even])[:, None],
+                                 np.stack([odd.ravel()[:1024], sparse_odd])[:, None])
+    assert batch.shape == (2, 1) and batch[1, 0] == np.float32(first)  # the same alone or in a batch
+    assert np.isnan(stopping_correlation(np.zeros(16), rng.normal(size=16)))
+    np.testing.assert_array_equal(np.sort(tie_order(100, 3)), np.sort(tie_order(100, 3)))
+    assert not np.array_equal(tie_order(100, 0).argsort(), tie_order(100, 1).argsort())
+
+
+def test_the_report_states_the_estimated_share_of_maps_that_reached_the_target():
+    from types import SimpleNamespace
+
+    from pipelines.report.report import summary
+    from transforms.write.corpus import samples_distribution
+
+    used = dict(samples_distribution({8: 2, 12: 1, 64: 1}), reached_target_before_max=0.75)
+    facts = dict(summary(SimpleNamespace(manifest={"samples_used": used}, run_id="r", path="p"))["run"])
+    assert facts["samples: auto"].startswith("23.0 samples per map on average; 75.0 % of maps reached the target")
+    fixed = dict(summary(SimpleNamespace(manifest={"samples_used": samples_distribution({20: 4})}, run_id="r",
+                                         path="p"))["run"])
+    assert "samples: auto" not in fixed

@@ -31,6 +31,8 @@ from pipelines.demo.planted_marks import apply_mark
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("cnn_max", "strided_gap", "residual", "flatten_dense")
+#: Two more families, for the model zoo of the adaptive-samples calibration (``benchmarks/model_zoo.py``).
+MORE_ARCHITECTURES = ("conv3_max", "separable", "attention")
 # A model relies on the mark when pasting it flips at least this share of the
 # other classes' images into the shortcut class (``partial`` from the second).
 RELIANCE_STRONG, RELIANCE_PARTIAL = 0.5, 0.1
@@ -84,6 +86,54 @@ def _flatten_dense(keras, image_size: int, classes: int):
     return keras.Model(inputs, outputs, name="planted_flatten_dense")
 
 
+def _conv3_max(keras, image_size: int, classes: int):
+    """Three 3x3 convolutions (no pooling between), global **max** pooling: each class score has one 7x7 window."""
+    layers = keras.layers
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = inputs
+    for stage, filters in enumerate((16, 32, 32), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{stage}")(x)
+    x = layers.GlobalMaxPooling2D(name="global_max_pool")(x)
+    outputs = layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="zoo_conv3_max")
+
+
+def _separable(keras, image_size: int, classes: int):
+    """MobileNet-like: a strided stem, four depthwise-separable blocks (3x3 depthwise, 1x1 pointwise, BN, ReLU6), GAP."""
+    layers = keras.layers
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.ReLU(6.0, name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+    for block, (filters, stride) in enumerate(((32, 1), (48, 2), (64, 2), (96, 1)), start=1):
+        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=f"block{block}_dw")(x)
+        x = layers.ReLU(6.0, name=f"block{block}_dw_relu")(layers.BatchNormalization(name=f"block{block}_dw_bn")(x))
+        x = layers.Conv2D(filters, 1, use_bias=False, name=f"block{block}_pw")(x)
+        x = layers.ReLU(6.0, name=f"block{block}_pw_relu")(layers.BatchNormalization(name=f"block{block}_pw_bn")(x))
+    x = layers.GlobalAveragePooling2D(name="global_average_pool")(x)
+    outputs = layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="zoo_separable")
+
+
+def _attention(keras, image_size: int, classes: int, patch: int = 8, width: int = 64):
+    """ViT-like: 8x8 patches embedded, a depthwise 3x3 position encoding, two pre-norm transformer blocks, mean token."""
+    layers = keras.layers
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = layers.Conv2D(width, patch, strides=patch, name="patch_embed")(inputs)
+    x = layers.Add(name="position_add")([x, layers.DepthwiseConv2D(3, padding="same", name="position")(x)])
+    side = image_size // patch
+    x = layers.Reshape((side * side, width), name="tokens")(x)
+    for block in (1, 2):
+        y = layers.LayerNormalization(name=f"block{block}_norm1")(x)
+        y = layers.MultiHeadAttention(4, width // 4, name=f"block{block}_attention")(y, y)
+        x = layers.Add(name=f"block{block}_add1")([x, y])
+        y = layers.LayerNormalization(name=f"block{block}_norm2")(x)
+        y = layers.Dense(2 * width, activation="gelu", name=f"block{block}_mlp1")(y)
+        x = layers.Add(name=f"block{block}_add2")([x, layers.Dense(width, name=f"block{block}_mlp2")(y)])
+    x = layers.GlobalAveragePooling1D(name="mean_token")(layers.LayerNormalization(name="final_norm")(x))
+    outputs = layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="zoo_attention")
+
+
 def build_planted_model(architecture: str, image_size: int, classes: int):
     """An uncompiled Keras model of one of :data:`ARCHITECTURES`.
 
@@ -92,7 +142,10 @@ def build_planted_model(architecture: str, image_size: int, classes: int):
             max pooling, global max pooling), ``strided_gap`` (strided
             convolutions, batch norm, global average pooling), ``residual`` (a
             small ResNet with global average pooling) or ``flatten_dense``
-            (convolutions and max pooling, then Flatten and a Dense head).
+            (convolutions and max pooling, then Flatten and a Dense head); or
+            one of :data:`MORE_ARCHITECTURES`: ``conv3_max`` (three 3x3
+            convolutions, global max pooling: sparse gradients), ``separable``
+            (MobileNet-like) or ``attention`` (ViT-like).
         image_size: side of the square RGB input.
         classes: number of output classes.
 
@@ -103,9 +156,11 @@ def build_planted_model(architecture: str, image_size: int, classes: int):
 
     if architecture == "cnn_max":
         return build_demo_model(image_size, classes)
-    builders = {"strided_gap": _strided_gap, "residual": _residual, "flatten_dense": _flatten_dense}
+    builders = {"strided_gap": _strided_gap, "residual": _residual, "flatten_dense": _flatten_dense,
+                "conv3_max": _conv3_max, "separable": _separable, "attention": _attention}
     if architecture not in builders:
-        raise ValueError(f"'architecture' must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}.")
+        raise ValueError(f"'architecture' must be one of {', '.join(ARCHITECTURES + MORE_ARCHITECTURES)}; "
+                         f"got {architecture!r}.")
     return builders[architecture](keras, image_size, classes)
 
 
@@ -137,7 +192,7 @@ def train_planted_model(architecture: str, images: np.ndarray, labels: np.ndarra
     machine gives the same weights.
 
     Args:
-        architecture: one of :data:`ARCHITECTURES`.
+        architecture: one of :data:`ARCHITECTURES` or :data:`MORE_ARCHITECTURES`.
         images: ``uint8 [N, S, S, 3]``.
         labels: ``int [N]``.
         classes: number of classes.

@@ -158,9 +158,15 @@ def summary(run: Run, site: Site | None = None) -> dict:
         figures.cascade(path, sanity["randomisation"]["cascade"],
                         (sanity.get("convergence") or {}).get("split_half_rank_correlation"))
     files = list((manifest.get("files") or {}).items())
+    facts = [("run id", run.run_id), ("folder", run.path), ("started", manifest.get("started_at")),
+             ("finished", manifest.get("finished_at"))]
+    used = manifest.get("samples_used") or {}
+    if used.get("reached_target_before_max") is not None:  # samples: auto
+        facts.append(("samples: auto", f"{used['mean']:.1f} samples per map on average; "
+                      f"{100 * used['reached_target_before_max']:.1f} % of maps reached the target (estimated: "
+                      "their estimate passed the stopping threshold before max_samples)"))
     return {
-        "run": [("run id", run.run_id), ("folder", run.path), ("started", manifest.get("started_at")),
-                ("finished", manifest.get("finished_at"))],
+        "run": facts,
         "model": [("source", model.get("source")), ("weights", model.get("weights")),
                   ("input shape", model.get("input_shape")), ("classes", model.get("classes")),
                   ("scores from", model.get("scores_from"))],

@@ -28,6 +28,10 @@ class SmoothGradResult:
         samples_used: the noisy samples behind each image's maps, int32
             ``[B]``: ``samples`` for every image, or with ``samples="auto"``
             the stage at which the image stopped.
+        stopping: with ``samples="auto"``, the split-half r the stopping rule
+            read at ``samples_used`` (ties broken in one half:
+            :func:`transforms.engine.statistics.stopping_correlation`), same
+            shape as ``targets``; None for a fixed ``samples``.
     """
 
     maps: np.ndarray
@@ -38,3 +42,4 @@ class SmoothGradResult:
     noise_sigma: np.ndarray
     reliability: np.ndarray | None = None
     samples_used: np.ndarray | None = None
+    stopping: np.ndarray | None = None

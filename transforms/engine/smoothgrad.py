@@ -55,7 +55,7 @@ from transforms.engine.reductions import REDUCTIONS
 from transforms.engine.scores import score_function
 from transforms.engine.targets import TARGET_FORMS, Target
 from transforms.engine.stages import AdaptiveStages
-from transforms.engine.statistics import split_half_reliability
+from transforms.engine.statistics import split_half_reliability, stopping_reliability
 from transforms.engine.steps import CompiledSteps
 from transforms.engine.variants import VARIANTS, SplitHalves, default_chunk, get_variant
 
@@ -266,7 +266,7 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
             merged = {field: np.concatenate([part[field] for part in parts]) for field in parts[0]}
             merged["samples_used"] = np.full(images.shape[0], self.samples, np.int32)
         if self.target.mode != "topk":
-            for field in ("maps", "targets", "target_ranks", "scores", "reliability"):
+            for field in ("maps", "targets", "target_ranks", "scores", "reliability", "stopping"):
                 if field in merged:
                     merged[field] = merged[field][:, 0]
         return SmoothGradResult(**merged)
@@ -388,4 +388,5 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
                 if halves else np.full(out["targets"].shape, np.nan, np.float32)
         if self.adaptive is not None:
             out["state"] = [leaf.numpy() for leaf in halves[2:]]
+            out["stopping"] = stopping_reliability(*(half.numpy()[:count] for half in halves[:2]))
         return out

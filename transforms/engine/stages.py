@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from transforms.engine.adaptive import Partial, split_states, stack_states
-from transforms.engine.statistics import split_half_reliability
+from transforms.engine.statistics import split_half_reliability, stopping_reliability
 
 
 class AdaptiveStages:
@@ -90,7 +90,8 @@ class AdaptiveStages:
                 *(tf.constant(leaf) for leaf in leaves))
             count = len(batch)
             part = {"maps": maps.numpy()[:count],
-                    "reliability": split_half_reliability(even.numpy()[:count], odd.numpy()[:count])}
+                    "reliability": split_half_reliability(even.numpy()[:count], odd.numpy()[:count]),
+                    "stopping": stopping_reliability(even.numpy()[:count], odd.numpy()[:count])}
             for field in ("targets", "target_ranks", "scores", "predicted", "noise_sigma"):
                 part[field] = np.array([getattr(partial, field) for partial in batch])
             out += self._partials(part, split_states([leaf.numpy() for leaf in state], count), end)
@@ -99,12 +100,13 @@ class AdaptiveStages:
     def _partials(self, part: dict, states: list[tuple], samples: int) -> list[Partial]:
         k = self.target.maps_per_record
         reliability = part["reliability"].reshape(len(states), k)
-        stop = self.adaptive.converged(reliability, samples) | (samples >= self.adaptive.max_samples)
+        stopping = part["stopping"].reshape(len(states), k)
+        stop = self.adaptive.converged(stopping, samples) | (samples >= self.adaptive.max_samples)
         return [Partial(state=states[i], samples=samples, targets=part["targets"][i].reshape(k),
                         target_ranks=part["target_ranks"][i].reshape(k), scores=part["scores"][i].reshape(k),
                         predicted=int(part["predicted"][i]), noise_sigma=float(part["noise_sigma"][i]),
                         maps=part["maps"][i].reshape((k,) + part["maps"].shape[2:]),
-                        reliability=reliability[i], done=bool(stop[i]))
+                        reliability=reliability[i], stopping=stopping[i], done=bool(stop[i]))
                 for i in range(len(states))]
 
     def _run_adaptive(self, images: np.ndarray, keys: list[str], given: np.ndarray) -> dict:
@@ -127,7 +129,7 @@ class AdaptiveStages:
 def finished_fields(partials: Sequence[Partial]) -> dict:
     """The result fields (class axis kept) of finished :class:`~transforms.engine.adaptive.Partial`, one per image."""
     fields = {field: np.stack([getattr(partial, field) for partial in partials])
-              for field in ("maps", "targets", "target_ranks", "scores", "reliability")}
+              for field in ("maps", "targets", "target_ranks", "scores", "reliability", "stopping")}
     fields.update(predicted=np.array([partial.predicted for partial in partials], np.int32),
                   noise_sigma=np.array([partial.noise_sigma for partial in partials], np.float32),
                   samples_used=np.array([partial.samples for partial in partials], np.int32))
