@@ -31,7 +31,8 @@ import numpy as np
 
 #: How much an effect must beat its control to confirm a candidate.
 DEFAULT_MARGIN = 0.2
-_BATCH = 32
+#: Model input values per forward batch (4 MiB of float32): 85 images of 64x64x3, 8 of 224x224x3 (8 at least).
+_BATCH_VALUES = 1 << 20
 
 
 @dataclasses.dataclass
@@ -126,8 +127,9 @@ class Probabilities:
         """``[n, H, W, C]`` → ``[n, classes]``."""
         import tensorflow as tf
 
-        parts = [tf.nn.softmax(tf.cast(self._scores(tf.constant(images[start:start + _BATCH])), tf.float32),
-                               axis=-1).numpy() for start in range(0, len(images), _BATCH)]
+        batch = max(8, min(256, _BATCH_VALUES // max(1, int(np.prod(images.shape[1:])))))
+        parts = [tf.nn.softmax(tf.cast(self._scores(tf.constant(images[start:start + batch])), tf.float32),
+                               axis=-1).numpy() for start in range(0, len(images), batch)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
@@ -238,20 +240,29 @@ def confirm(target: int, box: list, members: np.ndarray, others: np.ndarray, pro
     """
     rng = np.random.default_rng(seed)
     drop = drop_control = flip = flip_control = None
+    batches = {}  # every changed image goes through the model in one call
     if len(members):
-        base = probabilities(members)[:, target]
-        removed = probabilities(fill_from_surroundings(members, box))[:, target]
-        controls = np.stack([fill_from_surroundings(members[index:index + 1], random_box(rng, members.shape[1:3], box))[0]
-                             for index in range(len(members))])
-        drop = float(np.mean(base - removed))
-        drop_control = float(np.mean(base - probabilities(controls)[:, target]))
+        batches["base"] = members
+        batches["removed"] = fill_from_surroundings(members, box)
+        batches["removed_control"] = np.stack([
+            fill_from_surroundings(members[index:index + 1], random_box(rng, members.shape[1:3], box))[0]
+            for index in range(len(members))])
     if len(members) and len(others):
-        pasted = probabilities(paste(others, members, box, box))
-        flip = float(np.mean(np.argmax(pasted, axis=1) == target))
-        control_images = np.stack([paste(others[index:index + 1], members[index % len(members):][:1],
-                                         random_box(rng, members.shape[1:3], box), box)[0]
-                                   for index in range(len(others))])
-        flip_control = float(np.mean(np.argmax(probabilities(control_images), axis=1) == target))
+        batches["pasted"] = paste(others, members, box, box)
+        batches["pasted_control"] = np.stack([paste(others[index:index + 1], members[index % len(members):][:1],
+                                                    random_box(rng, members.shape[1:3], box), box)[0]
+                                              for index in range(len(others))])
+    if batches:
+        everything = probabilities(np.concatenate(list(batches.values())))
+        ends = np.cumsum([len(images) for images in batches.values()])
+        scores = dict(zip(batches, np.split(everything, ends[:-1])))
+    if len(members):
+        base = scores["base"][:, target]
+        drop = float(np.mean(base - scores["removed"][:, target]))
+        drop_control = float(np.mean(base - scores["removed_control"][:, target]))
+    if len(members) and len(others):
+        flip = float(np.mean(np.argmax(scores["pasted"], axis=1) == target))
+        flip_control = float(np.mean(np.argmax(scores["pasted_control"], axis=1) == target))
     outcome = Outcome(drop=drop, drop_control=drop_control, flip=flip, flip_control=flip_control,
                       members_tested=len(members), others_tested=len(others), confirmed=None)
     effect = outcome.effect
