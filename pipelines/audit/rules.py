@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import yaml
 
 from pipelines.audit.findings import Check
 
@@ -138,16 +137,12 @@ def load(path: str) -> dict:
 
 def load_raw(path: str) -> dict:
     """The checked overrides of a YAML rules file, as written (a mapping); raises :class:`RulesError`."""
-    from apache_beam.io.filesystems import FileSystems
+    from transforms.support.storage import read_yaml
 
     try:
-        with FileSystems.open(path) as handle:
-            data = yaml.safe_load(handle.read().decode("utf-8"))
-    except (OSError, IOError) as error:
-        raise RulesError(f"--rules: cannot read {path!r} ({type(error).__name__}: {error}).") from None
-    except yaml.YAMLError as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RulesError(f"--rules: {path!r} is not valid YAML ({first}).") from None
+        data = read_yaml(path, "--rules")
+    except ValueError as error:
+        raise RulesError(str(error)) from None
     parse(data, source=f"rules file {path}")
     return data or {}
 

@@ -14,7 +14,6 @@ import math
 import re
 from typing import Any
 
-import yaml
 
 from pipelines.audit.gate import GATES
 
@@ -351,16 +350,12 @@ def validate(raw: dict) -> Config:
 
 def load_yaml(path: str) -> dict:
     """Reads a config file: one flat YAML mapping."""
-    from apache_beam.io.filesystems import FileSystems
+    from transforms.support.storage import read_yaml
 
     try:
-        with FileSystems.open(path) as handle:
-            data = yaml.safe_load(handle.read().decode("utf-8"))
-    except (OSError, IOError) as error:
-        raise ConfigError(f"--config: cannot read {path!r} ({type(error).__name__}: {error}).") from None
-    except yaml.YAMLError as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"--config: {path!r} is not valid YAML ({first}).") from None
+        data = read_yaml(path, "--config")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -55,6 +55,20 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path) or bool(files_under(path))
 
 
+def read_yaml(path: str, flag: str):
+    """The YAML document of a file (local or ``gs://``); a ``ValueError`` of one line naming ``flag`` otherwise."""
+    import yaml
+
+    try:
+        with FileSystems.open(path) as handle:
+            return yaml.safe_load(handle.read().decode("utf-8"))
+    except (OSError, IOError) as error:
+        raise ValueError(f"{flag}: cannot read {path!r} ({type(error).__name__}: {error}).") from None
+    except yaml.YAMLError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{flag}: {path!r} is not valid YAML ({first}).") from None
+
+
 def replace(path: str, data: bytes) -> str:
     """Writes ``data`` to ``path`` so that a reader sees the old file or the new one, never none or a part.
 
