@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.audit import findings
 from pipelines.audit.findings import MAX_KEYS, Check
+from pipelines.audit.regions import box_iou as iou
 from pipelines.audit.rules import status as rule_status
 from pipelines.audit.rules import threshold as rule_threshold
 from pipelines.report.run_data import RunError, open_run
@@ -265,16 +266,6 @@ def statistics(run, previous, rules: dict) -> tuple[list[Check], dict]:
         checks.append(Check("drift_statistics", status, target=target, measure=measure,
                             threshold=rule_threshold(rules, "drift_statistics"), summary=summary))
     return checks, evidence
-
-
-def iou(first, second) -> float:
-    """Intersection over union of two boxes ``[y0, x0, y1, x1]`` (end exclusive)."""
-    height = min(first[2], second[2]) - max(first[0], second[0])
-    width = min(first[3], second[3]) - max(first[1], second[1])
-    inter = max(0, height) * max(0, width)
-    union = ((first[2] - first[0]) * (first[3] - first[1]) + (second[2] - second[0]) * (second[3] - second[1])
-             - inter)
-    return inter / union if union > 0 else 0.0
 
 
 def new_shortcuts(checks: list[Check], previous, rules: dict) -> tuple[list[Check], dict]:

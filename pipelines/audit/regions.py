@@ -143,3 +143,13 @@ def find_candidate(target: int, class_mean: np.ndarray, others_mean: np.ndarray,
         if found is None or (share, excess) > (found.member_share, found.excess):
             found = candidate
     return found
+
+
+def box_iou(first, second) -> float:
+    """Intersection over union of two ``(y0, x0, y1, x1)`` boxes (0 when either is empty)."""
+    height = min(first[2], second[2]) - max(first[0], second[0])
+    width = min(first[3], second[3]) - max(first[1], second[1])
+    inter = max(0, height) * max(0, width)
+    union = ((first[2] - first[0]) * (first[3] - first[1]) + (second[2] - second[0]) * (second[3] - second[1])
+             - inter)
+    return inter / union if union > 0 else 0.0

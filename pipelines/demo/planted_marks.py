@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from pipelines.audit.regions import box_iou  # noqa: F401 - the planted box against a finding's region
+
 MARK_KINDS = ("patch", "ring", "barcode", "glyph")
 PLACES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
 # Corner marks keep this many pixels to the border, as watermarks do.
@@ -174,16 +176,6 @@ def apply_mark(image: np.ndarray, kind: str, box) -> np.ndarray:
     region = marked[..., y0:y1, x0:x1, :]
     region[..., alpha, :] = pixels[alpha]
     return marked
-
-
-def box_iou(first, second) -> float:
-    """Intersection over union of two ``(y0, x0, y1, x1)`` boxes (0 when either is empty)."""
-    height = min(first[2], second[2]) - max(first[0], second[0])
-    width = min(first[3], second[3]) - max(first[1], second[1])
-    inter = max(0, height) * max(0, width)
-    union = ((first[2] - first[0]) * (first[3] - first[1]) + (second[2] - second[0]) * (second[3] - second[1])
-             - inter)
-    return inter / union if union > 0 else 0.0
 
 
 def boxes_touch(box, centre, radius: float, gap: float = 1.0) -> bool:
