@@ -47,6 +47,9 @@ setup(
             "jsonschema>=4.18,<5",
             # the audit's JUnit XML is read back as CI systems read it
             "junitparser>=3.1,<6",
+            # integrated gradients and Grad-CAM are checked against PAIR saliency and tf-keras-vis
+            "saliency>=0.2.1,<0.3",
+            "tf-keras-vis>=0.8.7,<0.9",
         ],
         "gcp": ["apache-beam[gcp]>=2.77.0,<2.78"],
         # benchmarks/peers.py (peer SmoothGrad libraries) and the pipeline benchmark

@@ -52,7 +52,7 @@ MIN_VALUES = 2
 #: Settings that decide how converged a map is: ``reliability`` is compared only when both runs share them
 #: (more samples raise it without moving the maps: measured on the demo, N 20 → 50 gave Cliff's delta 0.7-0.9).
 ESTIMATE_SETTINGS = ("samples", "min_samples", "max_samples", "target_reliability", "noise", "noise_mode",
-                     "variant")
+                     "variant", "method", "ig_steps", "ig_baseline", "gradcam_layer")
 
 
 def _name(previous) -> str:

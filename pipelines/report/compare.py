@@ -136,7 +136,8 @@ def parameter_rows(a: Run, b: Run) -> list[dict]:
     add("run", manifests, ("run_id", "started_at", "finished_at"))
     models = tuple(manifest.get("model") or {} for manifest in manifests)
     add("model", models, ("source", "weights", "sha256", "input_shape", "classes", "scores_from"))
-    engines = tuple(manifest.get("smoothgrad") or {} for manifest in manifests)
+    # A run made before methods existed explained the gradient.
+    engines = tuple({"method": "gradient", **(manifest.get("smoothgrad") or {})} for manifest in manifests)
     add("smoothgrad", engines, dict.fromkeys([*engines[0], *engines[1]]))
     configs = tuple(manifest.get("config") or {} for manifest in manifests)
     shown = {row["name"] for row in rows}

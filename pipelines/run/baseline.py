@@ -35,8 +35,12 @@ logger = logging.getLogger(__name__)
 #: Config keys that decide a record's map or row (besides the model): part of the fingerprint.
 MAP_KEYS = ("image_size", "resize_method", "preprocess", "image_feature", "label_feature", "id_feature",
             "raw_feature", "raw_shape", "mask_feature", "max_image_pixels",
-            "samples", "target_reliability", "min_samples", "max_samples", "noise", "noise_mode", "variant", "reduce", "target", "logits", "batch_size", "chunk",
+            "samples", "target_reliability", "min_samples", "max_samples", "noise", "noise_mode", "variant", "reduce",
+            "target", "logits", "batch_size", "chunk",
             "jit", "precision", "cpu_kernels", "seed", "dtype", "normalize", "downsample")
+#: The keys of each method other than ``gradient`` that join the fingerprint (a ``gradient`` run's fingerprint
+#: has none of them, as it had before methods existed, so older baselines stay usable).
+METHOD_KEYS = {"integrated_gradients": ("method", "ig_steps", "ig_baseline"), "gradcam": ("method", "gradcam_layer")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +81,7 @@ def fingerprint(config: Config, model_info, engine_chunk: int, device: str | Non
     import tensorflow as tf
 
     settings = config.as_dict()
-    figures = {key: settings[key] for key in MAP_KEYS}
+    figures = {key: settings[key] for key in MAP_KEYS + METHOD_KEYS.get(config.method, ())}
     figures["chunk"] = engine_chunk
     weights = model_info.weights
     figures.update(

@@ -20,6 +20,7 @@ from pipelines.audit.gate import GATES
 from transforms.engine.device import CPU_KERNELS, DEFAULT_CPU_KERNELS
 from transforms.rows.postprocess import Normalization
 from transforms.decode.preprocess import PREPROCESS_MODES, Preprocessing
+from transforms.engine.methods import DEFAULT_IG_STEPS, IG_BASELINES, METHODS
 from transforms.engine.smoothgrad import JIT_MODES, NOISE_MODES, PRECISIONS, REDUCTIONS, VARIANTS, Target
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._=-]+")
@@ -228,6 +229,19 @@ class Config:
                                          "sigma x (max - min) of each preprocessed image.", _one_of(NOISE_MODES))
     variant: str = _field("smoothgrad", f"One of {VARIANTS}.", _one_of(VARIANTS))
     reduce: str = _field("mean_abs", f"Channel reduction, one of {REDUCTIONS}.", _one_of(REDUCTIONS))
+    method: str = _field("gradient", f"What each noisy sample contributes, one of {METHODS}: the input gradient, "
+                                     "integrated gradients from ig_baseline (ig_steps points per sample), or "
+                                     "Grad-CAM on gradcam_layer; the variant averages it over the noisy samples.",
+                         _one_of(METHODS))
+    ig_steps: int = _field(DEFAULT_IG_STEPS, "With method: integrated_gradients, path points per noisy sample "
+                                             "(>= 2; trapezoid rule).", _whole(2))
+    ig_baseline: str = _field("black", f"With method: integrated_gradients, the baseline, one of {IG_BASELINES}: "
+                                       "the black image through the run's preprocessing, uniform noise between "
+                                       "black and white (seeded like the noise), or the image blurred.",
+                              _one_of(IG_BASELINES))
+    gradcam_layer: str = _field("auto", "With method: gradcam, the layer read: auto (the last layer with a "
+                                        "spatial 4-D output before the global pooling or flatten, nested models "
+                                        "searched) or a layer name.", _text)
     target: Target = _field(Target("top1"), "Class(es) to explain: top1, label, class:K or topk:K.",
                             _parsed(Target.parse, "top1, label, class:K or topk:K (K a whole number)"))
     logits: bool = _field(True, "Explain pre-softmax/sigmoid scores (true) or the outputs as they are.", _as_bool)

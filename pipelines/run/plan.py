@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.run.config import Config, ConfigError
 from pipelines.run.lock import LOCK
+from transforms.engine.methods import pixel_range
 from transforms.engine.smoothgrad import SmoothGrad
 from transforms.read.records import count_records
 from transforms.rows import postprocess
@@ -139,7 +140,10 @@ def plan(config: Config) -> Plan:
                        batch_size=config.batch_size, chunk=config.chunk, jit=config.jit, seed=config.seed,
                        logits=config.logits, precision=config.precision,
                        target_reliability=config.target_reliability, min_samples=config.min_samples,
-                       max_samples=config.max_samples)
+                       max_samples=config.max_samples, method=config.method, ig_steps=config.ig_steps,
+                       ig_baseline=config.ig_baseline, gradcam_layer=config.gradcam_layer)
+    if config.method == "integrated_gradients":  # a black (and a white) pixel in the model's input units
+        engine_args["pixel_range"] = pixel_range(None if config.raw_feature else config.preprocess, channels)
     try:
         engine = SmoothGrad(model, **engine_args)
     except ValueError as error:

@@ -46,6 +46,7 @@ import keras
 from transforms.engine.adaptive import DEFAULT_MAX_SAMPLES, DEFAULT_MIN_SAMPLES, DEFAULT_TARGET, AdaptiveSamples
 from transforms.engine.device import current_device_kind
 from transforms.engine.options import bad_option
+from transforms.engine.methods import DEFAULT_IG_STEPS, IG_BASELINES, METHODS, check_method, find_gradcam_layer
 from transforms.engine.jit import (JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers,
                                    visible_accelerators)
 from transforms.engine.noise import NOISE_MODES, key_seed, sigma_per_image
@@ -60,7 +61,7 @@ from transforms.engine.steps import CompiledSteps
 from transforms.engine.variants import VARIANTS, SplitHalves, default_chunk, get_variant
 
 __all__ = ["SmoothGrad", "SmoothGradResult",  # and, re-exported for callers:
-           "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS", "PRECISIONS", "Target", "key_seed",
+           "METHODS", "IG_BASELINES", "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS", "PRECISIONS", "Target", "key_seed",
            "choose_jit", "score_function", "has_xla_slow_layers"]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,17 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
             settings (:class:`transforms.engine.adaptive.AdaptiveSamples`): the
             estimated rank correlation with the converged map at which an image
             stops (0.95), its first stage (8) and its most samples (64).
+        method: what each noisy sample contributes (:mod:`transforms.engine.methods`):
+            ``gradient`` (default), ``integrated_gradients`` or ``gradcam``.
+        ig_steps: integrated gradients' path points per noisy sample (>= 2; 32).
+            Their ``chunk`` counts path points per image at once (the samples
+            then go one at a time), so memory does not grow with ``ig_steps``.
+        ig_baseline: ``black``, ``uniform`` or ``blur``.
+        gradcam_layer: ``auto`` (the last spatial layer before the model's
+            global pooling or flatten, nested models searched) or a layer name.
+        pixel_range: ``(black, white)``, a black and a white pixel in model
+            input units (per channel, or one value); integrated gradients'
+            ``black`` and ``uniform`` baselines read it. Default ``(0, 1)``.
 
     Call ``explainer(images, keys, targets=None)`` with float32 ``[B, H, W, C]``
     images already preprocessed and one string key per image; ``targets``
@@ -136,7 +148,9 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
                  batch_size: int = 8, chunk: int | None = None, jit: str = "auto", seed: int = 0,
                  logits: bool = True, sample_offset: int = 0, precision: str = "float32",
                  reliability: bool = True, target_reliability: float = DEFAULT_TARGET,
-                 min_samples: int = DEFAULT_MIN_SAMPLES, max_samples: int = DEFAULT_MAX_SAMPLES):
+                 min_samples: int = DEFAULT_MIN_SAMPLES, max_samples: int = DEFAULT_MAX_SAMPLES,
+                 method: str = "gradient", ig_steps: int = DEFAULT_IG_STEPS, ig_baseline: str = "black",
+                 gradcam_layer: str = "auto", pixel_range=None):
         self.adaptive = None
         if isinstance(samples, str) and samples == "auto":
             self.adaptive = AdaptiveSamples(target_reliability, min_samples, max_samples)
@@ -158,6 +172,10 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
                 raise bad_option(name, f"one of {allowed}", value)
         if chunk is not None and not _is_whole(chunk, 1):
             raise bad_option("chunk", "a whole number >= 1 or None", chunk)
+        check_method(method, variant, reduce, ig_steps, ig_baseline, gradcam_layer)
+        self.method = method
+        self.ig_steps = int(ig_steps)
+        self.ig_baseline = ig_baseline
         if variant == "vargrad" and (samples == 1 or noise == 0):
             logger.warning("variant='vargrad' with samples=%s and noise=%s: every map will be all zeros "
                            "(the variance of identical gradients).", samples, noise)
@@ -182,7 +200,13 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
         self.clean_alone = not visible_accelerators()
         self._calls_done = 0
         self.precision = precision
-        self._score_fn, self.scores_from = score_function(with_precision(model, precision), logits=self.logits)
+        scoring_model = with_precision(model, precision)
+        self._score_fn, self.scores_from = score_function(scoring_model, logits=self.logits)
+        self._gradcam_layer = find_gradcam_layer(scoring_model, gradcam_layer) if method == "gradcam" else None
+        self.gradcam_layer = self._gradcam_layer.name if self._gradcam_layer is not None else None
+        black, white = ([0.0], [1.0]) if pixel_range is None else pixel_range
+        self.pixel_range = ([float(value) for value in np.ravel(black)], [float(value) for value in np.ravel(white)])
+        self._black, self._white = (tf.constant(value, tf.float32) for value in self.pixel_range)
         self.input_shape = self._model_input_shape(model)
         self.num_classes: int | None = None
         self._function = None
@@ -193,6 +217,9 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
     default_chunk = staticmethod(default_chunk)
 
     def _choose_chunk(self, chunk: int | None) -> int:
+        if self.method == "integrated_gradients":  # path points per image at once; samples go one at a time
+            return self.default_chunk(self.ig_steps, self.batch_size) if chunk is None else min(self.ig_steps,
+                                                                                                 int(chunk))
         if self.adaptive is None:
             return self.default_chunk(self.samples, self.batch_size) if chunk is None else min(self.samples, int(chunk))
         # Adaptive: every stage after the first has its length as an input of one compiled function, so
@@ -200,6 +227,16 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
         wanted = self.default_chunk(self.adaptive.min_samples, self.batch_size) if chunk is None else int(chunk)
         common = self.adaptive.continue_gcd() or wanted
         return max(size for size in range(1, min(wanted, common) + 1) if common % size == 0)
+
+    @property
+    def sample_chunk(self) -> int:
+        """Noisy samples per image folded in at once: ``chunk``, or 1 for integrated gradients (whose
+        ``chunk`` counts path points)."""
+        return 1 if self.method == "integrated_gradients" else self.chunk
+
+    def map_channels(self, channels: int) -> int:
+        """The channels of one sample's map: the image's, or 1 for Grad-CAM."""
+        return 1 if self.method == "gradcam" else channels
 
     @staticmethod
     def _model_input_shape(model) -> tuple[int, int, int] | None:
@@ -234,7 +271,17 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
             "logits": self.logits, "scores_from": self.scores_from, "precision": self.precision,
             "adaptive": self.adaptive.as_dict() if self.adaptive else None,
             "jit_used": self.jit_used, "jit_reason": self.jit_reason,
+            "method": self.method, **self.method_settings(),
         }
+
+    def method_settings(self) -> dict:
+        """The method's own settings (none for ``gradient``), for provenance records."""
+        if self.method == "integrated_gradients":
+            black, white = self.pixel_range
+            return {"ig_steps": self.ig_steps, "ig_baseline": self.ig_baseline, "ig_black": black, "ig_white": white}
+        if self.method == "gradcam":
+            return {"gradcam_layer": self.gradcam_layer}
+        return {}
 
     # ------------------------------------------------------------------ call
     def __call__(self, images, keys: Sequence[str], targets=None) -> SmoothGradResult:
@@ -334,7 +381,7 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
                            tf.TensorSpec([batch], tf.int64), tf.TensorSpec([batch, k], tf.int32),
                            tf.TensorSpec([batch], tf.float32)]
         if self.adaptive is not None:  # a later stage: first sample, sample count, the carried state's leaves
-            start = SplitHalves(self._accumulator).start(batch, k, height, width, channels)
+            start = SplitHalves(self._accumulator).start(batch, k, height, width, self.map_channels(channels))
             self._state_structure = start
             self._continue_signature = self._signature + [tf.TensorSpec([], tf.int32)] * 2 + [
                 tf.TensorSpec(leaf.shape, leaf.dtype) for leaf in tf.nest.flatten(start)]
