@@ -142,6 +142,18 @@ class Site:
             shutil.rmtree(self.local, ignore_errors=True)
 
 
+def method_summary(engine: dict) -> str:
+    """What each noisy sample contributed, in words: the method and its settings (a run made before methods
+    existed explained the gradient)."""
+    method = engine.get("method") or "gradient"
+    if method == "integrated_gradients":
+        return (f"integrated gradients ({engine.get('ig_steps')} path points per noisy sample, "
+                f"{engine.get('ig_baseline')} baseline), smoothed as {engine.get('variant')}")
+    if method == "gradcam":
+        return f"Grad-CAM on layer {engine.get('gradcam_layer')!r}, smoothed as {engine.get('variant')}"
+    return f"input gradient, smoothed as {engine.get('variant', 'smoothgrad')}"
+
+
 def summary(run: Run, site: Site | None = None) -> dict:
     """The run summary from the manifest (with the sanity cascade figure when ``site`` is given)."""
     manifest = run.manifest
@@ -160,6 +172,8 @@ def summary(run: Run, site: Site | None = None) -> dict:
     files = list((manifest.get("files") or {}).items())
     facts = [("run id", run.run_id), ("folder", run.path), ("started", manifest.get("started_at")),
              ("finished", manifest.get("finished_at"))]
+    engine = manifest.get("smoothgrad") or {}
+    facts.append(("method", method_summary(engine)))
     used = manifest.get("samples_used") or {}
     if used.get("reached_target_before_max") is not None:  # samples: auto
         facts.append(("samples: auto", f"{used['mean']:.1f} samples per map on average; "
