@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from typing import Sequence
 
 import numpy as np
@@ -46,6 +45,7 @@ import keras
 from transforms.engine.adaptive import DEFAULT_MAX_SAMPLES, DEFAULT_MIN_SAMPLES, DEFAULT_TARGET, AdaptiveSamples
 from transforms.engine.device import current_device_kind
 from transforms.engine.options import bad_option
+from transforms.engine.settings import check_settings
 from transforms.engine.methods import DEFAULT_IG_STEPS, IG_BASELINES, METHODS, check_method, find_gradcam_layer
 from transforms.engine.jit import (JIT_MODES, XLA_COMPILE_ERRORS, choose_jit, graph_fallback, has_xla_slow_layers,
                                    visible_accelerators)
@@ -61,16 +61,10 @@ from transforms.engine.steps import CompiledSteps
 from transforms.engine.variants import VARIANTS, SplitHalves, default_chunk, get_variant
 
 __all__ = ["SmoothGrad", "SmoothGradResult",  # and, re-exported for callers:
-           "METHODS", "IG_BASELINES", "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS", "PRECISIONS", "Target", "key_seed",
-           "choose_jit", "score_function", "has_xla_slow_layers"]
+           "METHODS", "IG_BASELINES", "VARIANTS", "REDUCTIONS", "NOISE_MODES", "JIT_MODES", "TARGET_FORMS",
+           "PRECISIONS", "Target", "key_seed", "choose_jit", "score_function", "has_xla_slow_layers"]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_whole(value, minimum: int | None = None) -> bool:
-    """Whether ``value`` is an int (not a bool), at least ``minimum`` if given."""
-    return (not isinstance(value, bool) and isinstance(value, (int, np.integer))
-            and (minimum is None or value >= minimum))
 
 
 class SmoothGrad(CompiledSteps, AdaptiveStages):
@@ -154,31 +148,11 @@ class SmoothGrad(CompiledSteps, AdaptiveStages):
         self.adaptive = None
         if isinstance(samples, str) and samples == "auto":
             self.adaptive = AdaptiveSamples(target_reliability, min_samples, max_samples)
-            if not reliability:
-                raise bad_option("reliability", "True with samples='auto' (the stopping rule reads the half-maps)",
-                                 reliability)
-        elif not _is_whole(samples, 1):
-            raise bad_option("samples", "a whole number >= 1 or 'auto'", samples)
-        for name, value, minimum in (("batch_size", batch_size, 1), ("seed", seed, None),
-                                     ("sample_offset", sample_offset, 0)):
-            if not _is_whole(value, minimum):
-                raise bad_option(name, "a whole number" + ("" if minimum is None else f" >= {minimum}"), value)
-        if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(noise) or noise < 0:
-            raise bad_option("noise", "a finite number >= 0", noise)
-        for name, value, allowed in (("noise_mode", noise_mode, NOISE_MODES), ("variant", variant, VARIANTS),
-                                     ("reduce", reduce, REDUCTIONS)):
-            if value not in allowed:
-                raise bad_option(name, f"one of {allowed}", value)
-        if chunk is not None and not _is_whole(chunk, 1):
-            raise bad_option("chunk", "a whole number >= 1 or None", chunk)
+        check_settings(samples, noise, noise_mode, variant, reduce, batch_size, seed, sample_offset, chunk, reliability)
         check_method(method, variant, reduce, ig_steps, ig_baseline, gradcam_layer)
         self.method = method
         self.ig_steps = int(ig_steps)
         self.ig_baseline = ig_baseline
-        if variant == "vargrad" and (samples == 1 or noise == 0):
-            logger.warning("variant='vargrad' with samples=%s and noise=%s: every map will be all zeros "
-                           "(the variance of identical gradients).", samples, noise)
         self.target = Target.parse(target)
         self._accumulator = get_variant(variant, reduce)
         self.samples = "auto" if self.adaptive else int(samples)
