@@ -221,11 +221,12 @@ def check_run(config: Config, beam_args=()) -> dict:
     samples = f"auto: {figures['samples_used']}" if config.samples == "auto" else config.samples
     logger.info(
         "Valid, nothing run: runner %s; input %d file(s)%s; model %s (%s, %s classes); %s explained on CPU at "
-        "batch size 1 in %.1f s (jit %s, N=%s, precision %s): target %s, score %.4g, map %s, max |map| %.3g; "
+        "batch size 1 in %.1f s (method %s, jit %s, N=%s, precision %s): target %s, score %.4g, map %s, max |map| %.3g; "
         "baseline %s; run folder %s%s.",
         runner, files, f", {records:,} records" if records is not None else "", config.model,
         "x".join(str(size) for size in planned.info.input_shape), planned.info.classes, image,
-        figures["seconds"], figures["jit"], samples, config.precision, figures["target"], figures["score"],
+        figures["seconds"], planned.engine.method if not planned.engine.gradcam_layer
+        else f"gradcam on {planned.engine.gradcam_layer}", figures["jit"], samples, config.precision, figures["target"], figures["score"],
         "x".join(str(size) for size in figures["map_shape"]), figures["max_abs"], figures["baseline"] or "none",
         run_dir, " (holds a completed run: overwrite is on)" if completed else "")
     return figures
