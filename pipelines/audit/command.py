@@ -77,7 +77,7 @@ def record_gate(run_dir: str, document: dict) -> gate.Outcome:
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``smoothgrad-audit audit``."""
-    from pipelines.report.report import OneLineParser
+    from pipelines.report.pages import OneLineParser
 
     command = OneLineParser(prog=PROG, description=(
         "Audits a finished run again with the given rules, without explaining anything again (the corpus columns "
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     """``smoothgrad-audit audit RUN_DIR``: one line per check, the findings' path; 2 on a mistake, 3 on the gate."""
     from pipelines.audit.audit import audit_run
     from pipelines.audit.rules import RulesError, load
-    from pipelines.report.report import RunError, run_command
+    from pipelines.report.pages import run_command
+    from pipelines.report.run_data import RunError
 
     outcome = {}
 

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.report import figures, report
+from pipelines.report import figures, pages, report
 from pipelines.report.run_data import (
     LOCATION,
     Run,
@@ -157,7 +157,7 @@ def _count_rows(a: Run, b: Run) -> list[dict]:
     return rows
 
 
-def _map_section(a: Run, b: Run, matching: Matching, site: report.Site, top: int) -> dict:
+def _map_section(a: Run, b: Run, matching: Matching, site: pages.Site, top: int) -> dict:
     """Correlations, their histogram and the gallery of the pairs that changed most."""
     section = {"note": None, "pairs": len(matching.b_rows), "tiles": [], "src": None}
     if not len(matching.b_rows):
@@ -205,7 +205,7 @@ def build_comparison(run_a: str, run_b: str, out: str | None = None, top: int = 
     if top < 1:
         raise RunError(f"--top must be at least 1; got {top}")
     a, b = open_run(run_a), open_run(run_b)
-    site = report.Site(out or FileSystems.join(b.path, f"compare-{a.run_id}"))
+    site = pages.Site(out or FileSystems.join(b.path, f"compare-{a.run_id}"))
     try:
         matching = match(a, b)
         context = {
@@ -223,7 +223,7 @@ def build_comparison(run_a: str, run_b: str, out: str | None = None, top: int = 
 
 def parser():
     """The command line of ``smoothgrad-audit compare``."""
-    command = report.OneLineParser(
+    command = pages.OneLineParser(
         prog=PROG, description="Compares two finished runs over the same records in a self-contained HTML page "
         "(index.html and PNGs): settings and counts side by side, per-class tables, the Spearman rank "
         "correlation of each pair of maps (rows paired on key and target), changed predictions, keys in one "
@@ -239,7 +239,7 @@ def parser():
 
 def main(argv: list[str] | None = None) -> int:
     """``smoothgrad-audit compare``: writes the comparison, prints the page's path; 2 and one line on a mistake."""
-    return report.run_command(PROG, parser(), lambda args: build_comparison(args.run_a, args.run_b, args.out,
+    return pages.run_command(PROG, parser(), lambda args: build_comparison(args.run_a, args.run_b, args.out,
                                                                              args.top), argv)
 
 

@@ -31,7 +31,7 @@ def drift_section(run, site, evidence, checks: list) -> dict | None:
 
     Args:
         run: the run.
-        site: the page's output folder (:class:`pipelines.report.report.Site`).
+        site: the page's output folder (:class:`pipelines.report.pages.Site`).
         evidence: the run's :class:`pipelines.report.findings_view.Evidence`.
         checks: the entries of its ``_FINDINGS.json``.
 

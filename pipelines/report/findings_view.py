@@ -201,7 +201,7 @@ def findings_section(run: Run, site, top: int, evidence: Evidence) -> dict:
 
     Args:
         run: the run (its scalar columns find the rows of the affected keys).
-        site: the page's output folder (:class:`pipelines.report.report.Site`).
+        site: the page's output folder (:class:`pipelines.report.pages.Site`).
         top: tiles per flagged check.
         evidence: the run's :class:`Evidence`.
 

@@ -18,7 +18,7 @@ without one is a run still going or one that died, and is left out) and shows:
 
 It lives in :mod:`pipelines.report`, not :mod:`pipelines.audit`: like
 ``report`` and ``compare`` it only reads finished runs and draws a page, and
-it reuses their pieces (:class:`~pipelines.report.report.Site`, the Jinja2
+it reuses their pieces (:class:`~pipelines.report.pages.Site`, the Jinja2
 templates, :mod:`pipelines.report.figures`, the findings reader of
 :mod:`pipelines.report.findings_view`); the audit package makes findings, this
 only reads them.
@@ -44,7 +44,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.audit import findings as findings_file
 from pipelines.audit.rules import RULES
-from pipelines.report import figures, findings_view, report
+from pipelines.report import figures, findings_view, pages
 from pipelines.report.run_data import Run, RunError, _read_json, open_run
 from transforms.support import storage
 from transforms.write.corpus import MANIFEST, now_utc
@@ -257,7 +257,7 @@ def status_matrix(points: list[Point]) -> dict:
 
 
 # ------------------------------------------------------------------ the figures
-def trends(points: list[Point], site: report.Site) -> list[dict]:
+def trends(points: list[Point], site: pages.Site) -> list[dict]:
     """One figure per trend: ``[{"name", "title", "about", "src" (None without a value), "note"}]``."""
     ids, shown = [point.run_id for point in points], []
     for name, title, about in TRENDS:
@@ -275,7 +275,7 @@ def trends(points: list[Point], site: report.Site) -> list[dict]:
     return shown
 
 
-def drift(points: list[Point], site: report.Site) -> dict:
+def drift(points: list[Point], site: pages.Site) -> dict:
     """The drift checks' measures over the runs, one figure per check, one line per class.
 
     Returns:
@@ -331,7 +331,7 @@ def build_history(output: str, out: str | None = None, last: int | None = None) 
     output = output.rstrip("/") or "/"
     runs, skipped = completed_runs(output)
     points = [read_point(manifest, run_dir) for manifest, run_dir in (runs[-last:] if last else runs)]
-    site = report.Site(out or FileSystems.join(output, DEFAULT_OUT))
+    site = pages.Site(out or FileSystems.join(output, DEFAULT_OUT))
     try:
         counts = {status: sum(point.status == status for point in points) for status in STATUSES}
         context = {
@@ -347,7 +347,7 @@ def build_history(output: str, out: str | None = None, last: int | None = None) 
 
 def parser():
     """The command line of ``smoothgrad-audit history``."""
-    command = report.OneLineParser(
+    command = pages.OneLineParser(
         prog=PROG, description="Draws the history of a scheduled audit on one self-contained HTML page (index.html "
         "and PNGs, no network needed): every check against every completed run under OUTPUT, trends of accuracy, "
         "reliability, border mass, samples used and the error rate, and the drift checks per class.")
@@ -361,7 +361,7 @@ def parser():
 
 def main(argv: list[str] | None = None) -> int:
     """``smoothgrad-audit history``: writes the page, prints its path; 2 and one line on a mistake."""
-    return report.run_command(PROG, parser(), lambda args: build_history(args.output, args.out, args.last), argv)
+    return pages.run_command(PROG, parser(), lambda args: build_history(args.output, args.out, args.last), argv)
 
 
 if __name__ == "__main__":
