@@ -11,8 +11,9 @@ Configurations alternate (A B A B ...) so that a busy machine weighs on all alik
 * ``engine``: images/s of ``SmoothGrad`` (its defaults, ``jit: auto``), of the
   same engine with its clean forward pass batched instead of one image at a
   time (what it did before), and of the graph loop of ``keras_explainable``
-  (one noisy batch per sample, ``benchmarks/peers.py``): median of
-  ``--repeats`` warm calls, one line per model.
+  (one noisy batch per sample, ``benchmarks/peers.py``), called in turn for
+  ``--repeats`` rounds in one process: the median of each, and the median of
+  the rounds' engine / loop ratios, one line per model.
 * ``pipeline``: the demo job end to end (``smoothgrad-audit --config
   configs/demo.yaml`` on the demo's test records) with ``--cpu_kernels``:
   wall and CPU seconds of the whole process (needs ``python -m pipelines.demo
@@ -57,9 +58,14 @@ def _environment(extra: dict) -> dict:
 
 
 def engine_figures(models: list[str], samples: int, batch: int, repeats: int) -> dict:
-    """In this process: images/s of the engine (clean pass alone and batched) and of the graph loop, per model."""
+    """In this process: images/s of the engine (clean pass alone and batched) and of the graph loop, per model.
+
+    The three are called in turn, ``repeats`` rounds (A B C A B C ...), so a
+    busy moment weighs on all alike; each figure is the median over the rounds,
+    and ``engine / graph loop`` is the median of the rounds' ratios.
+    """
     import numpy as np
-    from peers import Case, build_model, kex_loop_runner, logits_model, random_images, time_calls
+    from peers import Case, build_model, kex_loop_runner, logits_model, random_images
 
     from transforms.engine.device import current_device_kind
     from transforms.smoothgrad import SmoothGrad
@@ -71,18 +77,28 @@ def engine_figures(models: list[str], samples: int, batch: int, repeats: int) ->
         images = random_images(batch, int(model.input_shape[1]), 0)
         targets = np.argmax(np.asarray(logits(images, training=False)), axis=-1).astype(np.int32)
         keys = [f"img-{index}" for index in range(batch)]
-        row = {}
+        calls, jit = {}, None
         for label, clean_alone in (("engine", True), ("engine, clean pass batched", False)):
             engine = SmoothGrad(model, samples=samples, noise=0.1, batch_size=batch)
             engine.clean_alone = clean_alone  # before the first call: it is read while tracing
-            _, timing = time_calls(lambda images, _targets, engine=engine: engine(images, keys).maps, images,
-                                   targets, repeats)
-            row[label] = timing["images_per_s"]
-            row["jit"] = engine.jit_used
+            calls[label] = lambda engine=engine: engine(images, keys).maps
+            jit = engine.jit_used
         case = Case(model=model, logits=logits, images=images, targets=targets, samples=samples, sigma=0.1,
                     seed=0, engine_chunk=0)
         run, _ = kex_loop_runner(case)
-        row["graph loop"] = time_calls(run, images, targets, repeats)[1]["images_per_s"]
+        calls["graph loop"] = lambda: run(images, targets)
+        seconds = {label: [] for label in calls}
+        for call in calls.values():  # tracing and compiling, not timed
+            call()
+        for _ in range(repeats):
+            for label, call in calls.items():
+                started = time.perf_counter()
+                call()
+                seconds[label].append(time.perf_counter() - started)
+        row = {label: batch / statistics.median(values) for label, values in seconds.items()}
+        row["engine / graph loop"] = statistics.median(
+            loop / engine for engine, loop in zip(seconds["engine"], seconds["graph loop"]))
+        row["jit"] = jit
         figures["models"][name] = row
     return figures
 
@@ -105,7 +121,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", default="small_cnn,ResNet50")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15, help="paired rounds of warm calls per process")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the configurations")
     parser.add_argument("--configurations", default=",".join(CONFIGURATIONS))
     parser.add_argument("--out", default=None)
@@ -148,7 +164,7 @@ def main(argv=None) -> dict:
     for name in names:
         rows = report["engine"].get(name, [])
         for model in models:
-            for label in ("engine", "engine, clean pass batched", "graph loop"):
+            for label in ("engine", "engine, clean pass batched", "graph loop", "engine / graph loop"):
                 values = [row["models"][model][label] for row in rows if model in row["models"]]
                 if values:
                     summary.setdefault(name, {}).setdefault(model, {})[label] = statistics.median(values)

@@ -98,14 +98,35 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
         array([1.5, 0. , 1.5])
     """
     values = np.asarray(values)
+    size = values.size
     order = np.argsort(values)  # ties get their average rank below, so their order does not matter
     ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    counts = np.diff(np.r_[starts, values.size])
-    group_rank = starts + (counts - 1) / 2.0
-    ranks = np.empty(values.size)
-    ranks[order] = np.repeat(group_rank, counts)
+    starts_group = np.empty(size, bool)
+    starts_group[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts_group[1:])
+    ranks = np.empty(size)
+    if starts_group.all():  # no ties (most maps): the ranks are the sorting order inverted
+        ranks[order] = np.arange(size, dtype=np.float64)
+        return ranks
+    starts = np.flatnonzero(starts_group)
+    counts = np.diff(starts, append=size)
+    ranks[order] = np.repeat(starts + (counts - 1) / 2.0, counts)
     return ranks
+
+
+def _ranks_correlation(ranks_a: np.ndarray, ranks_b: np.ndarray) -> float:
+    """Pearson correlation of two rank vectors of ``0 .. n-1`` (their mean is (n - 1) / 2), clipped to [-1, 1]."""
+    middle = (ranks_a.size - 1) / 2.0
+    centred_a, centred_b = ranks_a - middle, ranks_b - middle
+    value = float(centred_a @ centred_b / np.sqrt((centred_a @ centred_a) * (centred_b @ centred_b)))
+    return min(1.0, max(-1.0, value))
+
+
+def _rankable(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two flat maps of one size can be ranked against each other (neither is constant)."""
+    if a.size != b.size:
+        raise ValueError(f"maps differ in size: {a.size} and {b.size} values.")
+    return a.size >= 2 and a.min() != a.max() and b.min() != b.max()
 
 
 def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
@@ -121,14 +142,10 @@ def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
         >>> rank_correlation(np.arange(5.0), np.arange(5.0) ** 3)
         1.0
     """
-    a = np.asarray(first, np.float64).ravel()
-    b = np.asarray(second, np.float64).ravel()
-    if a.size != b.size:
-        raise ValueError(f"maps differ in size: {a.size} and {b.size} values.")
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    a, b = np.ravel(first), np.ravel(second)
+    if not _rankable(a, b):
         return float("nan")
-    value = float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])
-    return min(1.0, max(-1.0, value))
+    return _ranks_correlation(average_ranks(a), average_ranks(b))
 
 
 def split_half_reliability(even: np.ndarray, odd: np.ndarray) -> np.ndarray:
@@ -181,12 +198,10 @@ def stopping_correlation(even: np.ndarray, odd: np.ndarray) -> float:
         >>> round(rank_correlation(half, half), 2), round(stopping_correlation(half, half), 2)
         (1.0, 0.86)
     """
-    a = np.asarray(even, np.float64).ravel()
-    b = np.asarray(odd, np.float64).ravel()
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    a, b = np.ravel(even), np.ravel(odd)
+    if not _rankable(a, b):
         return float("nan")
-    value = float(np.corrcoef(tie_broken_ranks(a, 0), tie_broken_ranks(b, 1))[0, 1])
-    return min(1.0, max(-1.0, value))
+    return _ranks_correlation(tie_broken_ranks(a, 0), tie_broken_ranks(b, 1))
 
 
 def stopping_reliability(even: np.ndarray, odd: np.ndarray) -> np.ndarray:
