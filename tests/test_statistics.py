@@ -74,3 +74,22 @@ def test_rank_correlation_averages_tied_ranks_as_spearman_does():
     assert np.isnan(rank_correlation(first, np.ones_like(first)))
     with pytest.raises(ValueError, match="differ in size"):
         rank_correlation(first, first[:4])
+
+
+def test_split_half_reliability_is_spearman_pair_by_pair_with_and_without_ties():
+    import pandas as pd
+
+    from transforms.engine.statistics import split_half_reliability
+
+    rng = np.random.default_rng(3)
+    even = rng.random((3, 2, 12, 12)).astype(np.float32)  # no ties: the fast path
+    odd = (even + 0.5 * rng.random(even.shape)).astype(np.float32)
+    even[1] = np.where(rng.random((2, 12, 12)) < 0.5, 0.0, even[1])  # large tied zero regions
+    odd[1, 1] = np.round(odd[1, 1] * 3)  # a few large tie groups
+    even[2, 0] = 0.25  # constant: no ranking
+    got = split_half_reliability(even, odd)
+    assert got.dtype == np.float32 and got.shape == (3, 2)
+    for index in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1)]:
+        expected = pd.Series(even[index].ravel()).rank().corr(pd.Series(odd[index].ravel()).rank())
+        assert got[index] == pytest.approx(expected, abs=1e-6), index
+    assert np.isnan(got[2, 0])
