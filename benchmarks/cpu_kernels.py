@@ -18,11 +18,16 @@ Configurations alternate (A B A B ...) so that a busy machine weighs on all alik
   configs/demo.yaml`` on the demo's test records) with ``--cpu_kernels``:
   wall and CPU seconds of the whole process (needs ``python -m pipelines.demo
   --out demo_data``).
+* ``guarantees`` (alone, for the first model, in this process and its kernel
+  library): what each of the engine's guarantees costs against the graph loop
+  (:func:`guarantee_figures`), printed as table rows.
 
-Example (from the repository root)::
+Examples (from the repository root)::
 
-    python benchmarks/cpu_kernels.py --parts engine,pipeline --models small_cnn,ResNet50 \\
-        --samples 10 --batch 4 --repeats 3 --rounds 2 --out benchmarks/cpu_kernels.json
+    python benchmarks/cpu_kernels.py --parts engine,pipeline --models small_cnn,MobileNetV2,ResNet50 \\
+        --configurations onednn,eigen --rounds 2 --repeats 7 --samples 10 --batch 4 \\
+        --out benchmarks/cpu_kernels.json
+    python benchmarks/cpu_kernels.py --parts guarantees --models small_cnn --samples 10 --batch 4 --repeats 25
 """
 
 from __future__ import annotations
@@ -103,6 +108,60 @@ def engine_figures(models: list[str], samples: int, batch: int, repeats: int) ->
     return figures
 
 
+def guarantee_figures(model_name: str, samples: int, batch: int, repeats: int) -> dict:
+    """In this process: what each of the engine's guarantees costs against the graph loop (paired rounds).
+
+    The engine as shipped; with ``reliability=False``; with its clean pass
+    batched (what it does on a GPU); with the noise from TensorFlow's global
+    generator instead of a stream per (seed, key, sample) (not a product option:
+    patched in here, it gives up reproducibility); and with all three off.
+    """
+    import numpy as np
+    import tensorflow as tf
+    from peers import Case, build_model, kex_loop_runner, logits_model, random_images
+
+    import transforms.engine.steps as steps
+    from transforms.engine.device import current_device_kind
+    from transforms.smoothgrad import SmoothGrad
+
+    model = build_model(model_name, 0)
+    logits, _ = logits_model(model)
+    images = random_images(batch, int(model.input_shape[1]), 0)
+    targets = np.argmax(np.asarray(logits(images, training=False)), axis=-1).astype(np.int32)
+    keys = [f"img-{index}" for index in range(batch)]
+    loop, _ = kex_loop_runner(Case(model=model, logits=logits, images=images, targets=targets, samples=samples,
+                                   sigma=0.1, seed=0, engine_chunk=0))
+    per_example = steps.standard_normal
+
+    def global_noise(seeds, shape):
+        return tf.random.normal([seeds.shape[0], *shape])
+
+    def engine(noise=per_example, clean_alone=True, reliability=True):
+        steps.standard_normal = noise  # read while tracing, by the first call below
+        explainer = SmoothGrad(model, samples=samples, noise=0.1, batch_size=batch, reliability=reliability)
+        explainer.clean_alone = clean_alone
+        explainer(images, keys)
+        steps.standard_normal = per_example
+        return lambda: explainer(images, keys)
+
+    calls = {"graph loop": lambda: loop(images, targets), "engine as shipped": engine(),
+             "split-half reliability off": engine(reliability=False),
+             "clean pass batched": engine(clean_alone=False),
+             "noise from the global generator": engine(noise=global_noise),
+             "all three off": engine(global_noise, False, False)}
+    seconds = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, call in calls.items():
+            started = time.perf_counter()
+            call()
+            seconds[label].append(time.perf_counter() - started)
+    return {"device": current_device_kind(), "model": model_name, "rows": {
+        label: {"images_per_s": batch / statistics.median(values),
+                "against the graph loop": statistics.median(
+                    loop_s / value for loop_s, value in zip(seconds["graph loop"], values))}
+        for label, values in seconds.items()}}
+
+
 def _timed(command: list[str], environment: dict) -> dict:
     """Wall and CPU seconds (user + system of the process and its children) of one command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -131,6 +190,14 @@ def main(argv=None) -> dict:
     if args.engine_only:
         print(json.dumps(engine_figures(models, args.samples, args.batch, args.repeats)))
         return {}
+    if args.parts == "guarantees":  # in this process, with the kernel library it was started with
+        import transforms  # noqa: F401  (picks oneDNN unless TF_ENABLE_ONEDNN_OPTS is set)
+        figures = guarantee_figures(models[0], args.samples, args.batch, args.repeats)
+        print(f"{figures['device']}, {figures['model']}, N = {args.samples}, batch {args.batch}, "
+              f"{args.repeats} paired rounds")
+        for label, row in figures["rows"].items():
+            print(f"| {label} | {row['images_per_s']:.1f} | {row['against the graph loop']:.2f} |")
+        return figures
     names = [name.strip() for name in args.configurations.split(",") if name.strip()]
     report = {"command": " ".join(["python", "benchmarks/cpu_kernels.py", *(sys.argv[1:] if argv is None else argv)]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
