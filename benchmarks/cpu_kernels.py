@@ -62,6 +62,35 @@ def _environment(extra: dict) -> dict:
     return environment
 
 
+def _case(name: str, samples: int, batch: int):
+    """A model of ``benchmarks/peers.py``, its images, keys, and the graph loop's call on them."""
+    import numpy as np
+    from peers import Case, build_model, kex_loop_runner, logits_model, random_images
+
+    model = build_model(name, 0)
+    logits, _ = logits_model(model)
+    images = random_images(batch, int(model.input_shape[1]), 0)
+    targets = np.argmax(np.asarray(logits(images, training=False)), axis=-1).astype(np.int32)
+    keys = [f"img-{index}" for index in range(batch)]
+    run, _ = kex_loop_runner(Case(model=model, logits=logits, images=images, targets=targets, samples=samples,
+                                  sigma=0.1, seed=0, engine_chunk=0))
+    return model, images, keys, lambda: run(images, targets)
+
+
+def _paired_seconds(calls: dict, repeats: int) -> dict:
+    """Seconds of each call over ``repeats`` rounds, the calls taken in turn in every round, after one untimed
+    call of each (tracing and compiling)."""
+    for call in calls.values():
+        call()
+    seconds = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, call in calls.items():
+            started = time.perf_counter()
+            call()
+            seconds[label].append(time.perf_counter() - started)
+    return seconds
+
+
 def engine_figures(models: list[str], samples: int, batch: int, repeats: int) -> dict:
     """In this process: images/s of the engine (clean pass alone and batched) and of the graph loop, per model.
 
@@ -69,37 +98,20 @@ def engine_figures(models: list[str], samples: int, batch: int, repeats: int) ->
     busy moment weighs on all alike; each figure is the median over the rounds,
     and ``engine / graph loop`` is the median of the rounds' ratios.
     """
-    import numpy as np
-    from peers import Case, build_model, kex_loop_runner, logits_model, random_images
-
     from transforms.engine.device import current_device_kind
     from transforms.smoothgrad import SmoothGrad
 
     figures = {"device": current_device_kind(), "models": {}}
     for name in models:
-        model = build_model(name, 0)
-        logits, _ = logits_model(model)
-        images = random_images(batch, int(model.input_shape[1]), 0)
-        targets = np.argmax(np.asarray(logits(images, training=False)), axis=-1).astype(np.int32)
-        keys = [f"img-{index}" for index in range(batch)]
+        model, images, keys, loop = _case(name, samples, batch)
         calls, jit = {}, None
         for label, clean_alone in (("engine", True), ("engine, clean pass batched", False)):
             engine = SmoothGrad(model, samples=samples, noise=0.1, batch_size=batch)
             engine.clean_alone = clean_alone  # before the first call: it is read while tracing
             calls[label] = lambda engine=engine: engine(images, keys).maps
             jit = engine.jit_used
-        case = Case(model=model, logits=logits, images=images, targets=targets, samples=samples, sigma=0.1,
-                    seed=0, engine_chunk=0)
-        run, _ = kex_loop_runner(case)
-        calls["graph loop"] = lambda: run(images, targets)
-        seconds = {label: [] for label in calls}
-        for call in calls.values():  # tracing and compiling, not timed
-            call()
-        for _ in range(repeats):
-            for label, call in calls.items():
-                started = time.perf_counter()
-                call()
-                seconds[label].append(time.perf_counter() - started)
+        calls["graph loop"] = loop
+        seconds = _paired_seconds(calls, repeats)
         row = {label: batch / statistics.median(values) for label, values in seconds.items()}
         row["engine / graph loop"] = statistics.median(
             loop / engine for engine, loop in zip(seconds["engine"], seconds["graph loop"]))
@@ -116,21 +128,13 @@ def guarantee_figures(model_name: str, samples: int, batch: int, repeats: int) -
     generator instead of a stream per (seed, key, sample) (not a product option:
     patched in here, it gives up reproducibility); and with all three off.
     """
-    import numpy as np
     import tensorflow as tf
-    from peers import Case, build_model, kex_loop_runner, logits_model, random_images
 
     import transforms.engine.steps as steps
     from transforms.engine.device import current_device_kind
     from transforms.smoothgrad import SmoothGrad
 
-    model = build_model(model_name, 0)
-    logits, _ = logits_model(model)
-    images = random_images(batch, int(model.input_shape[1]), 0)
-    targets = np.argmax(np.asarray(logits(images, training=False)), axis=-1).astype(np.int32)
-    keys = [f"img-{index}" for index in range(batch)]
-    loop, _ = kex_loop_runner(Case(model=model, logits=logits, images=images, targets=targets, samples=samples,
-                                   sigma=0.1, seed=0, engine_chunk=0))
+    model, images, keys, loop = _case(model_name, samples, batch)
     per_example = steps.standard_normal
 
     def global_noise(seeds, shape):
@@ -144,17 +148,12 @@ def guarantee_figures(model_name: str, samples: int, batch: int, repeats: int) -
         steps.standard_normal = per_example
         return lambda: explainer(images, keys)
 
-    calls = {"graph loop": lambda: loop(images, targets), "engine as shipped": engine(),
+    calls = {"graph loop": loop, "engine as shipped": engine(),
              "split-half reliability off": engine(reliability=False),
              "clean pass batched": engine(clean_alone=False),
              "noise from the global generator": engine(noise=global_noise),
              "all three off": engine(global_noise, False, False)}
-    seconds = {label: [] for label in calls}
-    for _ in range(repeats):
-        for label, call in calls.items():
-            started = time.perf_counter()
-            call()
-            seconds[label].append(time.perf_counter() - started)
+    seconds = _paired_seconds(calls, repeats)
     return {"device": current_device_kind(), "model": model_name, "rows": {
         label: {"images_per_s": batch / statistics.median(values),
                 "against the graph loop": statistics.median(
